@@ -1,0 +1,1 @@
+//! pairvisor-agent (being built).

@@ -1,0 +1,1 @@
+//! pairvisor-api (being built).

@@ -1,0 +1,1 @@
+//! pairvisor-cli (being built).

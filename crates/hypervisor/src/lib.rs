@@ -1,0 +1,1 @@
+//! pairvisor-hypervisor (being built).

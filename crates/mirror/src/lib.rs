@@ -1,0 +1,1 @@
+//! pairvisor-mirror (being built).

@@ -1,0 +1,1 @@
+//! pairvisor-model (being built).

@@ -1,0 +1,1 @@
+//! pairvisor-store (being built).
