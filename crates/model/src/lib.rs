@@ -1,1 +1,10 @@
-//! pairvisor-model (being built).
+//! The Pairvisor domain model: the SPEC's states, tables and rules as pure,
+//! synchronous code. No I/O and no clocks — time is always a parameter — so
+//! every rule is tested by tables taken straight from the specification.
+
+pub mod admission;
+pub mod mac;
+pub mod mtbf;
+pub mod names;
+pub mod roles;
+pub mod vm;
