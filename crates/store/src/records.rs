@@ -1,0 +1,278 @@
+//! The record types kept in the store. Field names are the JSON format on
+//! disk; add fields with `#[serde(default)]` to stay readable across versions.
+
+use crate::Record;
+use pairvisor_model::admission::GuestType;
+use pairvisor_model::mac::Mac;
+use pairvisor_model::mtbf::{MtbfCounter, MtbfThreshold};
+use pairvisor_model::roles::Role;
+use pairvisor_model::vm::VmState;
+use serde::{Deserialize, Serialize};
+
+/// Which CPU accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Hardware virtualisation; the default on real hardware.
+    #[default]
+    Kvm,
+    /// Software emulation (tests, nested environments).
+    Tcg,
+}
+
+/// How the agent decides that a booting guest is up (SPEC V7 instance check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceCheck {
+    /// The QEMU guest agent answers `guest-ping` (virtio-serial
+    /// `org.qemu.guest_agent.0`). Booting → running on the first answer.
+    #[default]
+    Agent,
+    /// No guest agent: booting → running once QEMU has run the guest for
+    /// `boot_grace_secs`; the instance health is then reported as unknown.
+    None,
+}
+
+/// Direct kernel boot (SPEC V1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectKernel {
+    /// Absolute path of the kernel image on the PM.
+    pub kernel: String,
+    /// Absolute path of the initrd, if any.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+}
+
+/// A virtual network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicRecord {
+    /// Its MAC address (auto-assigned or overridden).
+    pub mac: Mac,
+    /// The network it is attached to: `user` (NAT through QEMU) until shared
+    /// networks exist.
+    pub network: String,
+}
+
+/// A virtual machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    /// Unique name.
+    pub name: String,
+    /// Hardware id (UUID), given to QEMU.
+    pub id: String,
+    /// Guest OS family.
+    pub guest_type: GuestType,
+    /// vCPUs (1..=8).
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// The boot volume's name.
+    pub boot_volume: String,
+    /// Data volumes' names, in attachment order.
+    #[serde(default)]
+    pub data_volumes: Vec<String>,
+    /// Network interfaces.
+    #[serde(default)]
+    pub nics: Vec<NicRecord>,
+    /// The VCD in the CD drive, if any.
+    #[serde(default)]
+    pub cdrom: Option<String>,
+    /// Direct kernel boot instead of booting from the boot volume.
+    #[serde(default)]
+    pub kernel: Option<DirectKernel>,
+    /// How "the guest is up" is detected.
+    #[serde(default)]
+    pub instance_check: InstanceCheck,
+    /// Current life-cycle state.
+    pub state: VmState,
+    /// Crash history.
+    #[serde(default)]
+    pub mtbf: MtbfCounter,
+    /// Per-VM crash threshold; the unit default when absent.
+    #[serde(default)]
+    pub mtbf_threshold: Option<MtbfThreshold>,
+    /// Why the VM last crashed.
+    #[serde(default)]
+    pub last_crash: Option<String>,
+    /// Path of the last memory dump.
+    #[serde(default)]
+    pub last_dump: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl Record for VmRecord {
+    const TABLE: &'static str = "vms";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+impl VmRecord {
+    /// Boot volume first, then data volumes.
+    pub fn volumes(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.boot_volume).chain(self.data_volumes.iter())
+    }
+}
+
+/// A volume (a sparse raw file in a storage group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Unique name.
+    pub name: String,
+    /// Storage group holding it.
+    pub group: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// The VM it is attached to.
+    #[serde(default)]
+    pub vm: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl Record for VolumeRecord {
+    const TABLE: &'static str = "volumes";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A virtual CD (an ISO image kept by the unit).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcdRecord {
+    /// Unique name.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Where the image is stored.
+    pub file: String,
+    /// Where it came from ("upload" or the original path).
+    pub source: String,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl Record for VcdRecord {
+    const TABLE: &'static str = "vcds";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A storage group: on a single PM, a directory with a capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageGroupRecord {
+    /// Unique name.
+    pub name: String,
+    /// Absolute directory path.
+    pub path: String,
+    /// Capacity in bytes (volumes' sizes count against it).
+    pub capacity_bytes: u64,
+}
+
+impl Record for StorageGroupRecord {
+    const TABLE: &'static str = "storage_groups";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// A local account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    /// Login name.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Argon2id hash in PHC string format. Never logged, never returned.
+    pub password_hash: String,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+impl Record for UserRecord {
+    const TABLE: &'static str = "users";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// An API session token. Only a SHA-256 of the token is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the bearer token.
+    pub hash: String,
+    /// Its user.
+    pub user: String,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+impl Record for TokenRecord {
+    const TABLE: &'static str = "tokens";
+    fn key(&self) -> &str {
+        &self.hash
+    }
+}
+
+/// One audited request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Sequence number (assigned by the store).
+    pub seq: u64,
+    /// Seconds since the epoch.
+    pub time: u64,
+    /// Who ("-" when unauthenticated).
+    pub user: String,
+    /// What ("POST /api/v1/vms/web/start").
+    pub action: String,
+    /// The object acted on, when known.
+    pub target: String,
+    /// "ok" or the error code and message.
+    pub result: String,
+}
+
+/// PM- and unit-wide settings (SPEC U9, V6, A6).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Memory kept for the system, MiB (U9; default 1 GiB).
+    pub memory_reserve_mib: u64,
+    /// Threads kept for the system (U9; 2).
+    pub reserved_threads: u32,
+    /// QEMU accelerator (KVM on real hardware).
+    pub accel: Accel,
+    /// QEMU binary.
+    pub qemu_binary: String,
+    /// VM crash threshold (V6).
+    pub vm_mtbf: MtbfThreshold,
+    /// Seconds to wait for an ACPI shutdown before powering off.
+    pub shutdown_timeout_secs: u64,
+    /// Seconds without a guest agent before a VM counts as running (only for
+    /// VMs whose instance check is `none`).
+    pub boot_grace_secs: u64,
+    /// Seconds between instance checks of running VMs.
+    pub instance_check_interval_secs: u64,
+    /// Time zone shown in the console (IANA name).
+    pub timezone: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            memory_reserve_mib: 1024,
+            reserved_threads: 2,
+            accel: Accel::Kvm,
+            qemu_binary: "qemu-system-x86_64".into(),
+            vm_mtbf: MtbfThreshold::VM_DEFAULT,
+            shutdown_timeout_secs: 120,
+            boot_grace_secs: 30,
+            instance_check_interval_secs: 5,
+            timezone: "UTC".into(),
+        }
+    }
+}
