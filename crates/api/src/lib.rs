@@ -1,1 +1,205 @@
-//! pairvisor-api (being built).
+//! The Pairvisor REST API (JSON over HTTP), served by every PM's daemon.
+//!
+//! Every route except `/health`, `/api/v1/auth/login` and
+//! `/api/v1/openapi.json` needs a bearer token; every handler states the
+//! access its role must allow (read / operate / administer) as its first
+//! line; every request that changes something is written to the audit log
+//! with who, what, when and the result. The OpenAPI document is generated from
+//! the handlers and checked in as `docs/openapi.json` (a test keeps the two in
+//! step).
+
+pub mod auth;
+pub mod error;
+mod handlers;
+
+use auth::AuthUser;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use error::{ApiError, ErrorInfo};
+use pairvisor_agent::{now, Agent};
+use pairvisor_store::AuditRecord;
+use serde::de::DeserializeOwned;
+use utoipa::OpenApi;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// This PM's agent.
+    pub agent: Agent,
+}
+
+/// A JSON body whose rejections (malformed JSON, wrong types, unknown
+/// fields) are answered in the API's error shape.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rej) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("request body is not valid: {}", rej.body_text()),
+            )),
+        }
+    }
+}
+
+/// The API's OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Pairvisor API", description = "Manage a Pairvisor unit: VMs, volumes, VCDs, users, settings."),
+    paths(
+        handlers::login, handlers::logout, handlers::whoami,
+        handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::remove_vm,
+        handlers::start_vm, handlers::shutdown_vm, handlers::poweroff_vm, handlers::dump_vm,
+        handlers::reset_device, handlers::boot_from_cd, handlers::insert_cd, handlers::eject_cd,
+        handlers::config_vm, handlers::console_log,
+        handlers::list_volumes, handlers::create_volume, handlers::get_volume,
+        handlers::delete_volume, handlers::attach_volume, handlers::detach_volume,
+        handlers::list_groups, handlers::create_group,
+        handlers::list_vcds, handlers::add_vcd, handlers::upload_vcd, handlers::remove_vcd,
+        handlers::list_users, handlers::create_user, handlers::delete_user,
+        handlers::get_settings, handlers::update_settings,
+        handlers::audit, handlers::pm,
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = []))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+pub fn openapi_json() -> String {
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default()
+}
+
+/// Builds the router for `agent`.
+pub fn router(agent: Agent) -> Router {
+    use handlers::*;
+    let state = AppState { agent };
+    let api = Router::new()
+        .route("/auth/logout", post(logout))
+        .route("/auth/whoami", get(whoami))
+        .route("/vms", get(list_vms).post(create_vm))
+        .route("/vms/{name}", get(get_vm).delete(remove_vm))
+        .route("/vms/{name}/start", post(start_vm))
+        .route("/vms/{name}/shutdown", post(shutdown_vm))
+        .route("/vms/{name}/poweroff", post(poweroff_vm))
+        .route("/vms/{name}/dump", post(dump_vm))
+        .route("/vms/{name}/reset-device", post(reset_device))
+        .route("/vms/{name}/boot-from-cd", post(boot_from_cd))
+        .route("/vms/{name}/cd", put(insert_cd).delete(eject_cd))
+        .route("/vms/{name}/config", post(config_vm))
+        .route("/vms/{name}/console", get(console_log))
+        .route("/volumes", get(list_volumes).post(create_volume))
+        .route("/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/volumes/{name}/attach", post(attach_volume))
+        .route("/volumes/{name}/detach", post(detach_volume))
+        .route("/storage-groups", get(list_groups).post(create_group))
+        .route("/vcds", get(list_vcds).post(add_vcd))
+        .route("/vcds/{name}", put(upload_vcd).delete(remove_vcd))
+        .route("/users", get(list_users).post(create_user))
+        .route("/users/{name}", axum::routing::delete(delete_user))
+        .route("/settings", get(get_settings).patch(update_settings))
+        .route("/audit", get(audit))
+        .route("/pm", get(pm))
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let public = Router::new()
+        .route("/auth/login", post(login))
+        .route("/openapi.json", get(|| async {
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi_json())
+        }));
+    Router::new()
+        .nest("/api/v1", api.merge(public))
+        .route("/health", get(|| async { "ok" }))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /api/v1/openapi.json")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
+        .with_state(state)
+}
+
+/// Bearer-token authentication for every protected route; puts the
+/// [`AuthUser`] into the request's extensions.
+async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .map(str::to_string);
+    let Some(token) = token else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "this route needs an 'Authorization: Bearer <token>' header; log in with POST /api/v1/auth/login",
+        )
+        .into_response();
+    };
+    match auth::authenticate(st.agent.store(), &token) {
+        Ok(user) => {
+            req.extensions_mut().insert(user.clone());
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(user);
+            resp
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Writes every request that may change something (anything but GET/HEAD)
+/// to the audit log, with its outcome.
+async fn audit_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if method == Method::GET || method == Method::HEAD || path == "/api/v1/auth/login" {
+        return resp;
+    }
+    let user = resp
+        .extensions()
+        .get::<AuthUser>()
+        .map(|u| u.name.clone())
+        .unwrap_or_else(|| "-".into());
+    let result = match resp.extensions().get::<ErrorInfo>() {
+        Some(ErrorInfo(e)) => format!("{} {e}", resp.status().as_u16()),
+        None if resp.status().is_success() => "ok".into(),
+        None => resp.status().to_string(),
+    };
+    let target = path
+        .strip_prefix("/api/v1/")
+        .unwrap_or(&path)
+        .to_string();
+    let rec = AuditRecord {
+        seq: 0,
+        time: now(),
+        user,
+        action: format!("{method} {path}"),
+        target,
+        result,
+    };
+    if let Err(e) = st.agent.store().append_audit(rec) {
+        tracing::error!("cannot write the audit log: {e}");
+    }
+    resp
+}

@@ -1,0 +1,700 @@
+//! Route handlers. Each starts by stating the access its caller needs.
+
+use crate::auth::{self, AuthUser};
+use crate::error::{ApiError, ApiResult, ErrorBody};
+use crate::{AppState, Json};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use pairvisor_agent::*;
+use pairvisor_model::mtbf::MtbfThreshold;
+use pairvisor_model::roles::{Access, Role};
+use pairvisor_store::{Accel, AuditRecord, Settings, UserRecord};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+type Caller = Extension<AuthUser>;
+
+/// Credentials.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+}
+
+/// A new session.
+#[derive(Serialize, ToSchema)]
+pub struct LoginResponse {
+    /// Bearer token for the `Authorization` header.
+    pub token: String,
+    /// The user.
+    pub user: String,
+    /// Its role.
+    pub role: String,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+}
+
+/// Log in and receive a bearer token.
+#[utoipa::path(post, path = "/api/v1/auth/login", request_body = LoginRequest,
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody)))]
+pub async fn login(State(st): State<AppState>, Json(req): Json<LoginRequest>) -> ApiResult<Response> {
+    let result = auth::login(st.agent.store(), &req.user, &req.password);
+    let _ = st.agent.store().append_audit(AuditRecord {
+        seq: 0,
+        time: now(),
+        user: req.user.chars().take(64).collect(),
+        action: "POST /api/v1/auth/login".into(),
+        target: "auth/login".into(),
+        result: match &result {
+            Ok(_) => "ok".into(),
+            Err(e) => format!("{} {}", e.status.as_u16(), e.body.code),
+        },
+    });
+    let (token, user) = result?;
+    Ok(axum::Json(LoginResponse {
+        token,
+        user: user.name,
+        role: user.role.to_string(),
+        expires_in: auth::TOKEN_LIFETIME_SECS,
+    })
+    .into_response())
+}
+
+/// End this session (revokes the token).
+#[utoipa::path(post, path = "/api/v1/auth/logout", responses((status = 204)))]
+pub async fn logout(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    user.require(Access::Read)?;
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        auth::logout(st.agent.store(), t.trim())?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The caller.
+#[derive(Serialize, ToSchema)]
+pub struct WhoAmI {
+    /// User name.
+    pub user: String,
+    /// Role.
+    pub role: String,
+}
+
+/// Who am I?
+#[utoipa::path(get, path = "/api/v1/auth/whoami", responses((status = 200, body = WhoAmI)))]
+pub async fn whoami(Extension(user): Caller) -> ApiResult<axum::Json<WhoAmI>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(WhoAmI {
+        user: user.name,
+        role: user.role.to_string(),
+    }))
+}
+
+// ------------------------------------------------------------------------ VMs
+
+/// List VMs.
+#[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = Vec<VmView>)))]
+pub async fn list_vms(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<Vec<VmView>>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.list_vms()?))
+}
+
+/// Create a VM (stopped).
+#[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVm,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(req): Json<CreateVm>,
+) -> ApiResult<(StatusCode, axum::Json<VmView>)> {
+    user.require(Access::Administer)?;
+    Ok((StatusCode::CREATED, axum::Json(st.agent.create_vm(req).await?)))
+}
+
+/// Show a VM.
+#[utoipa::path(get, path = "/api/v1/vms/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody)))]
+pub async fn get_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.get_vm(&name)?))
+}
+
+/// Options of VM removal.
+#[derive(Deserialize, IntoParams)]
+pub struct RemoveQuery {
+    /// Also delete the VM's data volumes (the boot volume is always deleted).
+    #[serde(default)]
+    pub delete_data_volumes: bool,
+}
+
+/// Remove a VM.
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", params(("name" = String, Path), RemoveQuery),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn remove_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Query(q): Query<RemoveQuery>,
+) -> ApiResult<StatusCode> {
+    user.require(Access::Administer)?;
+    st.agent.remove_vm(&name, q.delete_data_volumes).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Start a stopped VM.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/start", params(("name" = String, Path)),
+    responses((status = 200, body = OpResult), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn start_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<OpResult>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.start(&name).await?))
+}
+
+/// ACPI shutdown (power off after the shutdown timeout).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/shutdown", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]
+pub async fn shutdown_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.shutdown(&name).await?))
+}
+
+/// Power off immediately.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/poweroff", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]
+pub async fn poweroff_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.power_off(&name).await?))
+}
+
+/// Dump guest memory to a file, then restart the VM.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/dump", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]
+pub async fn dump_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.dump(&name).await?))
+}
+
+/// Restart a critical VM and clear its crash counter.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/reset-device", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]
+pub async fn reset_device(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.reset_device(&name).await?))
+}
+
+/// A VCD to use.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VcdChoice {
+    /// VCD name.
+    pub vcd: String,
+}
+
+/// Start a stopped VM once from a VCD.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/boot-from-cd", params(("name" = String, Path)), request_body = VcdChoice,
+    responses((status = 200, body = OpResult), (status = 409, body = ErrorBody)))]
+pub async fn boot_from_cd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Json(req): Json<VcdChoice>,
+) -> ApiResult<axum::Json<OpResult>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.boot_from_cd(&name, &req.vcd).await?))
+}
+
+/// Insert a VCD into the VM's CD drive.
+#[utoipa::path(put, path = "/api/v1/vms/{name}/cd", params(("name" = String, Path)), request_body = VcdChoice,
+    responses((status = 200, body = VmView), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn insert_cd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Json(req): Json<VcdChoice>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.insert_cd(&name, &req.vcd).await?))
+}
+
+/// Eject the VM's CD.
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/cd", params(("name" = String, Path)),
+    responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]
+pub async fn eject_cd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Operate)?;
+    Ok(axum::Json(st.agent.eject_cd(&name).await?))
+}
+
+/// Re-provision a stopped VM.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/config", params(("name" = String, Path)), request_body = ConfigVm,
+    responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn config_vm(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Json(req): Json<ConfigVm>,
+) -> ApiResult<axum::Json<VmView>> {
+    user.require(Access::Administer)?;
+    Ok(axum::Json(st.agent.config_vm(&name, req).await?))
+}
+
+/// Console log options.
+#[derive(Deserialize, IntoParams)]
+pub struct ConsoleQuery {
+    /// Bytes from the end of the log to return (default 64 KiB, at most 1 MiB).
+    pub tail_bytes: Option<u64>,
+    /// Keep the response open and stream new output as it arrives.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+/// The VM's serial console output (tail, optionally followed).
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", params(("name" = String, Path), ConsoleQuery),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+pub async fn console_log(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Query(q): Query<ConsoleQuery>,
+) -> ApiResult<Response> {
+    user.require(Access::Read)?;
+    let tail = q.tail_bytes.unwrap_or(64 * 1024).min(1024 * 1024);
+    let (first, offset) = st.agent.console_log(&name, None, tail)?;
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow {
+        return Ok((text_plain, first).into_response());
+    }
+    let agent = st.agent.clone();
+    let stream = futures_util::stream::unfold(
+        (Some(first), offset, agent, name),
+        |(pending, offset, agent, name)| async move {
+            if let Some(p) = pending {
+                return Some((Ok::<_, std::io::Error>(bytes::Bytes::from(p)), (None, offset, agent, name)));
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                match agent.console_log(&name, Some(offset), 256 * 1024) {
+                    Ok((data, next)) if !data.is_empty() => {
+                        return Some((Ok(bytes::Bytes::from(data)), (None, next, agent, name)));
+                    }
+                    Ok(_) => continue,
+                    Err(_) => return None, // VM removed
+                }
+            }
+        },
+    );
+    Ok((text_plain, Body::from_stream(stream)).into_response())
+}
+
+// -------------------------------------------------------------------- volumes
+
+/// List volumes.
+#[utoipa::path(get, path = "/api/v1/volumes", responses((status = 200, body = Vec<VolumeView>)))]
+pub async fn list_volumes(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<Vec<VolumeView>>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.list_volumes()?))
+}
+
+/// Create an unattached volume.
+#[utoipa::path(post, path = "/api/v1/volumes", request_body = CreateVolume,
+    responses((status = 201, body = VolumeView), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_volume(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(req): Json<CreateVolume>,
+) -> ApiResult<(StatusCode, axum::Json<VolumeView>)> {
+    user.require(Access::Administer)?;
+    Ok((StatusCode::CREATED, axum::Json(st.agent.create_volume(req).await?)))
+}
+
+/// Show a volume.
+#[utoipa::path(get, path = "/api/v1/volumes/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = VolumeView), (status = 404, body = ErrorBody)))]
+pub async fn get_volume(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VolumeView>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.get_volume(&name)?))
+}
+
+/// Delete an unattached volume.
+#[utoipa::path(delete, path = "/api/v1/volumes/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_volume(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require(Access::Administer)?;
+    st.agent.delete_volume(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A VM to attach to.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    /// VM name.
+    pub vm: String,
+}
+
+/// Attach a volume to a stopped VM.
+#[utoipa::path(post, path = "/api/v1/volumes/{name}/attach", params(("name" = String, Path)), request_body = AttachRequest,
+    responses((status = 200, body = VolumeView), (status = 409, body = ErrorBody)))]
+pub async fn attach_volume(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    Json(req): Json<AttachRequest>,
+) -> ApiResult<axum::Json<VolumeView>> {
+    user.require(Access::Administer)?;
+    Ok(axum::Json(st.agent.attach_volume(&name, &req.vm).await?))
+}
+
+/// Detach a data volume from its stopped VM (data kept).
+#[utoipa::path(post, path = "/api/v1/volumes/{name}/detach", params(("name" = String, Path)),
+    responses((status = 200, body = VolumeView), (status = 409, body = ErrorBody)))]
+pub async fn detach_volume(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<VolumeView>> {
+    user.require(Access::Administer)?;
+    Ok(axum::Json(st.agent.detach_volume(&name).await?))
+}
+
+/// List storage groups.
+#[utoipa::path(get, path = "/api/v1/storage-groups", responses((status = 200, body = Vec<StorageGroupView>)))]
+pub async fn list_groups(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<Vec<StorageGroupView>>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.list_storage_groups()?))
+}
+
+/// Create a storage group.
+#[utoipa::path(post, path = "/api/v1/storage-groups", request_body = CreateStorageGroup,
+    responses((status = 201, body = StorageGroupView), (status = 400, body = ErrorBody)))]
+pub async fn create_group(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(req): Json<CreateStorageGroup>,
+) -> ApiResult<(StatusCode, axum::Json<StorageGroupView>)> {
+    user.require(Access::Administer)?;
+    Ok((StatusCode::CREATED, axum::Json(st.agent.create_storage_group(req).await?)))
+}
+
+// ----------------------------------------------------------------------- VCDs
+
+/// List VCDs.
+#[utoipa::path(get, path = "/api/v1/vcds", responses((status = 200, body = Vec<VcdView>)))]
+pub async fn list_vcds(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<Vec<VcdView>>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.list_vcds()?))
+}
+
+/// Add a VCD from an ISO file on the PM.
+#[utoipa::path(post, path = "/api/v1/vcds", request_body = AddVcd,
+    responses((status = 201, body = VcdView), (status = 400, body = ErrorBody)))]
+pub async fn add_vcd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(req): Json<AddVcd>,
+) -> ApiResult<(StatusCode, axum::Json<VcdView>)> {
+    user.require(Access::Administer)?;
+    Ok((StatusCode::CREATED, axum::Json(st.agent.add_vcd_from_path(req).await?)))
+}
+
+/// Upload an ISO as a new VCD (request body: the image bytes).
+#[utoipa::path(put, path = "/api/v1/vcds/{name}", params(("name" = String, Path)),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = VcdView), (status = 400, body = ErrorBody)))]
+pub async fn upload_vcd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+    body: Body,
+) -> ApiResult<(StatusCode, axum::Json<VcdView>)> {
+    user.require(Access::Administer)?;
+    let stream = body.into_data_stream();
+    Ok((StatusCode::CREATED, axum::Json(st.agent.add_vcd_from_stream(&name, stream).await?)))
+}
+
+/// Remove an unused VCD.
+#[utoipa::path(delete, path = "/api/v1/vcds/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 409, body = ErrorBody)))]
+pub async fn remove_vcd(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require(Access::Administer)?;
+    st.agent.remove_vcd(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---------------------------------------------------------- users & settings
+
+/// A user as the API shows it (never the password hash).
+#[derive(Serialize, ToSchema)]
+pub struct UserView {
+    /// Name.
+    pub name: String,
+    /// Role.
+    pub role: String,
+    /// Creation time, seconds since the epoch.
+    pub created_at: u64,
+}
+
+/// Create a user.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUser {
+    /// Name.
+    pub name: String,
+    /// `administrator`, `operator` or `read_only`.
+    #[schema(value_type = String)]
+    pub role: Role,
+    /// Password (at least 8 characters).
+    pub password: String,
+}
+
+/// List users.
+#[utoipa::path(get, path = "/api/v1/users", responses((status = 200, body = Vec<UserView>)))]
+pub async fn list_users(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<Vec<UserView>>> {
+    user.require(Access::Administer)?;
+    let users: Vec<UserRecord> = st.agent.store().list()?;
+    Ok(axum::Json(
+        users
+            .into_iter()
+            .map(|u| UserView {
+                name: u.name,
+                role: u.role.to_string(),
+                created_at: u.created_at,
+            })
+            .collect(),
+    ))
+}
+
+/// Create a user.
+#[utoipa::path(post, path = "/api/v1/users", request_body = CreateUser,
+    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn create_user(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(req): Json<CreateUser>,
+) -> ApiResult<(StatusCode, axum::Json<UserView>)> {
+    user.require(Access::Administer)?;
+    let u = auth::create_user(st.agent.store(), &req.name, req.role, &req.password)?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(UserView {
+            name: u.name,
+            role: u.role.to_string(),
+            created_at: u.created_at,
+        }),
+    ))
+}
+
+/// Delete a user.
+#[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn delete_user(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    user.require(Access::Administer)?;
+    auth::delete_user(st.agent.store(), &name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Settings as the API shows and accepts them.
+#[derive(Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    /// Memory reserved for the system, MiB (256..=65536).
+    pub memory_reserve_mib: Option<u64>,
+    /// `kvm` or `tcg`.
+    pub accel: Option<String>,
+    /// QEMU binary (name on PATH or absolute path).
+    pub qemu_binary: Option<String>,
+    /// Crashes tolerated in the window before a VM goes critical (1..=100).
+    pub vm_mtbf_max_failures: Option<u32>,
+    /// The crash window, seconds (1..=604800).
+    pub vm_mtbf_window_secs: Option<u64>,
+    /// ACPI shutdown timeout, seconds (1..=3600).
+    pub shutdown_timeout_secs: Option<u64>,
+    /// Boot grace for VMs without an instance check, seconds (1..=3600).
+    pub boot_grace_secs: Option<u64>,
+    /// Seconds between instance checks (1..=300).
+    pub instance_check_interval_secs: Option<u64>,
+    /// IANA time zone name for the console (e.g. `Europe/Paris`).
+    pub timezone: Option<String>,
+}
+
+fn settings_view(s: &Settings) -> SettingsPatch {
+    SettingsPatch {
+        memory_reserve_mib: Some(s.memory_reserve_mib),
+        accel: Some(match s.accel {
+            Accel::Kvm => "kvm".into(),
+            Accel::Tcg => "tcg".into(),
+        }),
+        qemu_binary: Some(s.qemu_binary.clone()),
+        vm_mtbf_max_failures: Some(s.vm_mtbf.max_failures),
+        vm_mtbf_window_secs: Some(s.vm_mtbf.window_secs),
+        shutdown_timeout_secs: Some(s.shutdown_timeout_secs),
+        boot_grace_secs: Some(s.boot_grace_secs),
+        instance_check_interval_secs: Some(s.instance_check_interval_secs),
+        timezone: Some(s.timezone.clone()),
+    }
+}
+
+/// Show settings.
+#[utoipa::path(get, path = "/api/v1/settings", responses((status = 200, body = SettingsPatch)))]
+pub async fn get_settings(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<SettingsPatch>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(settings_view(&st.agent.store().settings()?)))
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(what: &str, v: T, lo: T, hi: T) -> ApiResult<T> {
+    if v < lo || v > hi {
+        Err(ApiError::invalid(format!("{what} = {v} is out of range; allowed: {lo} to {hi}")))
+    } else {
+        Ok(v)
+    }
+}
+
+/// Change settings (only the fields given). All values are validated before
+/// any is applied.
+#[utoipa::path(patch, path = "/api/v1/settings", request_body = SettingsPatch,
+    responses((status = 200, body = SettingsPatch), (status = 400, body = ErrorBody)))]
+pub async fn update_settings(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Json(p): Json<SettingsPatch>,
+) -> ApiResult<axum::Json<SettingsPatch>> {
+    user.require(Access::Administer)?;
+    let s = st.agent.store().write(|tx| {
+        let mut s = tx.settings()?;
+        if let Some(v) = p.memory_reserve_mib {
+            s.memory_reserve_mib = in_range("memory_reserve_mib", v, 256, 65536)?;
+        }
+        if let Some(a) = &p.accel {
+            s.accel = match a.as_str() {
+                "kvm" => Accel::Kvm,
+                "tcg" => Accel::Tcg,
+                other => {
+                    return Err(ApiError::invalid(format!(
+                        "accel '{other}' is not known; allowed: kvm, tcg"
+                    )))
+                }
+            };
+        }
+        if let Some(b) = &p.qemu_binary {
+            if b.is_empty() || b.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(ApiError::invalid(
+                    "qemu_binary must be a program name or absolute path without spaces or control characters",
+                ));
+            }
+            s.qemu_binary = b.clone();
+        }
+        let mut mtbf: MtbfThreshold = s.vm_mtbf;
+        if let Some(v) = p.vm_mtbf_max_failures {
+            mtbf.max_failures = in_range("vm_mtbf_max_failures", v, 1, 100)?;
+        }
+        if let Some(v) = p.vm_mtbf_window_secs {
+            mtbf.window_secs = in_range("vm_mtbf_window_secs", v, 1, 604_800)?;
+        }
+        s.vm_mtbf = mtbf;
+        if let Some(v) = p.shutdown_timeout_secs {
+            s.shutdown_timeout_secs = in_range("shutdown_timeout_secs", v, 1, 3600)?;
+        }
+        if let Some(v) = p.boot_grace_secs {
+            s.boot_grace_secs = in_range("boot_grace_secs", v, 1, 3600)?;
+        }
+        if let Some(v) = p.instance_check_interval_secs {
+            s.instance_check_interval_secs = in_range("instance_check_interval_secs", v, 1, 300)?;
+        }
+        if let Some(tz) = &p.timezone {
+            let ok = !tz.is_empty()
+                && tz.len() <= 64
+                && !tz.split('/').any(|c| c.is_empty() || c == "..")
+                && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c));
+            if !ok {
+                return Err(ApiError::invalid(format!(
+                    "time zone '{tz}' is not an IANA zone name like Europe/Paris or UTC"
+                )));
+            }
+            s.timezone = tz.clone();
+        }
+        tx.put_settings(&s)?;
+        Ok(s)
+    })?;
+    Ok(axum::Json(settings_view(&s)))
+}
+
+/// Audit log options.
+#[derive(Deserialize, IntoParams)]
+pub struct AuditQuery {
+    /// Number of newest records (default 100, at most 10000).
+    pub limit: Option<usize>,
+}
+
+/// The audit log, newest first.
+#[utoipa::path(get, path = "/api/v1/audit", params(AuditQuery), responses((status = 200, body = Vec<Object>)))]
+pub async fn audit(
+    State(st): State<AppState>,
+    Extension(user): Caller,
+    Query(q): Query<AuditQuery>,
+) -> ApiResult<axum::Json<Vec<AuditRecord>>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.store().audit(q.limit.unwrap_or(100).min(10_000))?))
+}
+
+/// This PM: resources, capacity left for VMs, warnings.
+#[utoipa::path(get, path = "/api/v1/pm", responses((status = 200, body = PmView)))]
+pub async fn pm(State(st): State<AppState>, Extension(user): Caller) -> ApiResult<axum::Json<PmView>> {
+    user.require(Access::Read)?;
+    Ok(axum::Json(st.agent.pm_view().await?))
+}

@@ -1,0 +1,807 @@
+//! Command-line grammar (clap) and what each command sends.
+
+use crate::client::{self, CliError, Client, Saved};
+use crate::ExitCode;
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// Pairvisor: two servers, one unit that keeps VMs running.
+#[derive(Debug, Parser)]
+#[command(name = "pairvisor", version, about)]
+pub struct Cli {
+    /// Daemon URL (default: the saved login's, else http://127.0.0.1:7480).
+    #[arg(long, global = true, env = "PAIRVISOR_URL")]
+    pub url: Option<String>,
+    /// Bearer token (default: the saved login's).
+    #[arg(long, global = true, env = "PAIRVISOR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the PM daemon.
+    Serve(ServeArgs),
+    /// Log in and save the token for later commands.
+    Login {
+        /// User name.
+        #[arg(long, default_value = "admin")]
+        user: String,
+        /// File holding the password (else $PAIRVISOR_PASSWORD, else stdin).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Forget the saved token (and revoke it).
+    Logout,
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Volumes.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Storage groups.
+    #[command(subcommand, name = "storage-group")]
+    StorageGroup(GroupCmd),
+    /// Virtual CDs.
+    #[command(subcommand)]
+    Vcd(VcdCmd),
+    /// Users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Settings.
+    #[command(subcommand)]
+    Settings(SettingsCmd),
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// This physical machine.
+    #[command(subcommand)]
+    Pm(PmCmd),
+}
+
+/// `pairvisor serve` options.
+#[derive(Debug, Args, Clone)]
+pub struct ServeArgs {
+    /// Data directory (state database, run files, VCDs, default storage).
+    #[arg(long, env = "PAIRVISOR_DATA_DIR", default_value = "/var/lib/pairvisor")]
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "PAIRVISOR_LISTEN", default_value = "127.0.0.1:7480")]
+    pub listen: String,
+    /// QEMU accelerator for VMs: kvm (real hardware) or tcg (emulation).
+    /// Stored in the settings; only applied when given.
+    #[arg(long)]
+    pub accel: Option<String>,
+    /// File with the initial admin password (first start only). Without it a
+    /// random password is written to DATA_DIR/initial-admin-password.
+    #[arg(long)]
+    pub admin_password_file: Option<PathBuf>,
+}
+
+/// `pairvisor vm ...`
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Create a VM (stopped).
+    Create(CreateVmArgs),
+    /// Start a VM.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// ACPI shutdown (power off after the timeout).
+    Shutdown {
+        /// VM name.
+        name: String,
+    },
+    /// Power off immediately.
+    Poweroff {
+        /// VM name.
+        name: String,
+    },
+    /// Dump guest memory to a file, then restart.
+    Dump {
+        /// VM name.
+        name: String,
+    },
+    /// Restart a critical VM and clear its crash counter.
+    ResetDevice {
+        /// VM name.
+        name: String,
+    },
+    /// Start once from a VCD.
+    BootFromCd {
+        /// VM name.
+        name: String,
+        /// VCD name.
+        vcd: String,
+    },
+    /// Insert a VCD into the CD drive.
+    InsertCd {
+        /// VM name.
+        name: String,
+        /// VCD name.
+        vcd: String,
+    },
+    /// Eject the CD.
+    EjectCd {
+        /// VM name.
+        name: String,
+    },
+    /// Re-provision a stopped VM.
+    Config(ConfigVmArgs),
+    /// Remove a VM (boot volume always; data volumes with --delete-data-volumes).
+    Remove {
+        /// VM name.
+        name: String,
+        /// Also delete data volumes.
+        #[arg(long)]
+        delete_data_volumes: bool,
+    },
+    /// Show the serial console output.
+    Console {
+        /// VM name.
+        name: String,
+        /// Keep following new output.
+        #[arg(long, short)]
+        follow: bool,
+        /// Bytes from the end to show.
+        #[arg(long, default_value_t = 16384)]
+        tail_bytes: u64,
+    },
+}
+
+/// `pairvisor vm create` options.
+#[derive(Debug, Args)]
+pub struct CreateVmArgs {
+    /// VM name.
+    pub name: String,
+    /// vCPUs (1–8).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Memory, e.g. 512M or 2G.
+    #[arg(long, default_value = "512M")]
+    pub memory: String,
+    /// Guest type: linux-64, linux-32, windows-64, windows-32, other.
+    #[arg(long, default_value = "other")]
+    pub guest_type: String,
+    /// Size of a new boot volume, e.g. 8G.
+    #[arg(long, conflicts_with = "boot_volume")]
+    pub boot_size: Option<String>,
+    /// Use an existing unattached volume as boot volume.
+    #[arg(long)]
+    pub boot_volume: Option<String>,
+    /// Storage group for new volumes.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// New data volume NAME:SIZE (repeatable).
+    #[arg(long = "data-volume")]
+    pub data_volumes: Vec<String>,
+    /// Network interface on NETWORK (repeatable; `user` is NAT).
+    #[arg(long = "nic")]
+    pub nics: Vec<String>,
+    /// VCD to insert.
+    #[arg(long)]
+    pub cdrom: Option<String>,
+    /// Direct kernel boot: kernel image path on the PM.
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// Direct kernel boot: initrd path.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<String>,
+    /// Direct kernel boot: command line.
+    #[arg(long, requires = "kernel", default_value = "")]
+    pub cmdline: String,
+    /// Instance check: agent (guest agent ping) or none.
+    #[arg(long, default_value = "agent")]
+    pub instance_check: String,
+    /// Start it right away.
+    #[arg(long)]
+    pub start: bool,
+}
+
+/// `pairvisor vm config` options.
+#[derive(Debug, Args)]
+pub struct ConfigVmArgs {
+    /// VM name.
+    pub name: String,
+    /// New vCPU count.
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// New memory, e.g. 1G.
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Create and attach NAME:SIZE, or attach existing NAME (repeatable).
+    #[arg(long = "add-volume")]
+    pub add_volumes: Vec<String>,
+    /// Detach a data volume, keeping it (repeatable).
+    #[arg(long = "detach-volume")]
+    pub detach_volumes: Vec<String>,
+    /// Detach and delete a data volume (repeatable).
+    #[arg(long = "delete-volume")]
+    pub delete_volumes: Vec<String>,
+    /// MAC override INDEX=MAC (repeatable).
+    #[arg(long = "mac")]
+    pub macs: Vec<String>,
+}
+
+/// `pairvisor volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// List volumes.
+    List,
+    /// Show a volume.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Create an unattached volume.
+    Create {
+        /// Name.
+        name: String,
+        /// Size, e.g. 10G.
+        #[arg(long)]
+        size: String,
+        /// Storage group.
+        #[arg(long)]
+        group: Option<String>,
+    },
+    /// Attach to a stopped VM.
+    Attach {
+        /// Volume.
+        name: String,
+        /// VM.
+        #[arg(long)]
+        vm: String,
+    },
+    /// Detach from its stopped VM (data kept).
+    Detach {
+        /// Volume.
+        name: String,
+    },
+    /// Delete an unattached volume.
+    Delete {
+        /// Volume.
+        name: String,
+    },
+}
+
+/// `pairvisor storage-group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCmd {
+    /// List storage groups.
+    List,
+    /// Create a storage group.
+    Create {
+        /// Name.
+        name: String,
+        /// Absolute directory.
+        #[arg(long)]
+        path: String,
+        /// Capacity, e.g. 100G.
+        #[arg(long)]
+        capacity: String,
+    },
+}
+
+/// `pairvisor vcd ...`
+#[derive(Debug, Subcommand)]
+pub enum VcdCmd {
+    /// List VCDs.
+    List,
+    /// Add from an ISO file on the PM.
+    Add {
+        /// Name.
+        name: String,
+        /// Absolute path on the PM.
+        #[arg(long)]
+        path: String,
+    },
+    /// Upload an ISO from this machine.
+    Upload {
+        /// Name.
+        name: String,
+        /// Local file.
+        file: PathBuf,
+    },
+    /// Remove an unused VCD.
+    Remove {
+        /// Name.
+        name: String,
+    },
+}
+
+/// `pairvisor user ...`
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// List users.
+    List,
+    /// Create a user.
+    Create {
+        /// Name.
+        name: String,
+        /// administrator, operator or read_only.
+        #[arg(long)]
+        role: String,
+        /// File holding the password (else $PAIRVISOR_NEW_PASSWORD, else stdin).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+    /// Delete a user.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+/// `pairvisor settings ...`
+#[derive(Debug, Subcommand)]
+pub enum SettingsCmd {
+    /// Show settings.
+    Show,
+    /// Change settings: KEY=VALUE ... (keys as in `settings show`).
+    Set {
+        /// KEY=VALUE pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+}
+
+/// `pairvisor audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Show the newest audit records.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+}
+
+/// `pairvisor pm ...`
+#[derive(Debug, Subcommand)]
+pub enum PmCmd {
+    /// Show this PM's resources and warnings.
+    Show,
+}
+
+/// Parses sizes like `512M`, `8G`, `1T`, `4096` (bytes), `10GiB`.
+pub fn parse_size(s: &str) -> Result<u64, CliError> {
+    let t = s.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| CliError::Usage(format!("'{s}' is not a size; write e.g. 512M, 8G or a number of bytes")))
+}
+
+fn mib(s: &str) -> Result<u64, CliError> {
+    Ok(parse_size(s)? / (1 << 20))
+}
+
+fn read_password(file: &Option<PathBuf>, env: &str) -> Result<String, CliError> {
+    if let Some(f) = file {
+        let s = std::fs::read_to_string(f)
+            .map_err(|e| CliError::Local(format!("cannot read {}: {e}", f.display())))?;
+        return Ok(s.trim_end_matches(['\n', '\r']).to_string());
+    }
+    if let Ok(p) = std::env::var(env) {
+        return Ok(p);
+    }
+    eprint!("password: ");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Local(format!("cannot read the password: {e}")))?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn volume_arg(s: &str, group: &Option<String>) -> Result<Value, CliError> {
+    match s.split_once(':') {
+        Some((name, size)) => Ok(json!({"name": name, "size_bytes": parse_size(size)?, "group": group})),
+        None => Ok(json!({"name": s})),
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const G: f64 = (1u64 << 30) as f64;
+    const M: f64 = (1u64 << 20) as f64;
+    if b as f64 >= G {
+        format!("{:.1}G", b as f64 / G)
+    } else {
+        format!("{:.0}M", b as f64 / M)
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = vec![line(headers.iter().map(|s| s.to_string()).collect())];
+    out.extend(rows.into_iter().map(line));
+    out.join("\n")
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn render(path_kind: &str, v: &Value) -> String {
+    match (path_kind, v) {
+        ("vms", Value::Array(a)) => table(
+            &["NAME", "STATE", "ACTIVITY", "VCPUS", "MEMORY", "BOOT VOLUME", "GUEST"],
+            a.iter()
+                .map(|vm| {
+                    vec![
+                        s(&vm["name"]),
+                        s(&vm["state"]),
+                        s(&vm["activity"]),
+                        s(&vm["vcpus"]),
+                        format!("{}M", s(&vm["memory_mib"])),
+                        s(&vm["boot_volume"]),
+                        match vm["health"]["instance_ok"].as_bool() {
+                            Some(true) => "answering".into(),
+                            Some(false) => "not answering".into(),
+                            None => "-".into(),
+                        },
+                    ]
+                })
+                .collect(),
+        ),
+        ("volumes", Value::Array(a)) => table(
+            &["NAME", "SIZE", "GROUP", "VM", "BOOT", "SYNC"],
+            a.iter()
+                .map(|x| {
+                    vec![
+                        s(&x["name"]),
+                        human_bytes(x["size_bytes"].as_u64().unwrap_or(0)),
+                        s(&x["group"]),
+                        s(&x["vm"]),
+                        s(&x["boot"]),
+                        s(&x["sync"]),
+                    ]
+                })
+                .collect(),
+        ),
+        ("vcds", Value::Array(a)) => table(
+            &["NAME", "SIZE", "CAN REMOVE", "INSERTED IN"],
+            a.iter()
+                .map(|x| {
+                    vec![
+                        s(&x["name"]),
+                        human_bytes(x["size_bytes"].as_u64().unwrap_or(0)),
+                        if x["can_remove"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                        x["inserted_in"]
+                            .as_array()
+                            .map(|l| l.iter().map(s).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        ),
+        ("groups", Value::Array(a)) => table(
+            &["NAME", "CAPACITY", "USED", "FREE", "VOLUMES", "PATH"],
+            a.iter()
+                .map(|x| {
+                    vec![
+                        s(&x["name"]),
+                        human_bytes(x["capacity_bytes"].as_u64().unwrap_or(0)),
+                        human_bytes(x["used_bytes"].as_u64().unwrap_or(0)),
+                        human_bytes(x["free_bytes"].as_u64().unwrap_or(0)),
+                        s(&x["volumes"]),
+                        s(&x["path"]),
+                    ]
+                })
+                .collect(),
+        ),
+        ("users", Value::Array(a)) => table(
+            &["NAME", "ROLE"],
+            a.iter().map(|x| vec![s(&x["name"]), s(&x["role"])]).collect(),
+        ),
+        ("audit", Value::Array(a)) => table(
+            &["SEQ", "TIME", "USER", "ACTION", "RESULT"],
+            a.iter()
+                .map(|x| vec![s(&x["seq"]), s(&x["time"]), s(&x["user"]), s(&x["action"]), s(&x["result"])])
+                .collect(),
+        ),
+        (_, Value::Object(o)) => o
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", s(v)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        (_, Value::Null) => String::new(),
+        (_, other) => serde_json::to_string_pretty(other).unwrap_or_default(),
+    }
+}
+
+/// Runs a client command (everything but `serve`). Prints the result and
+/// returns the exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    let json = cli.json;
+    match run_inner(cli).await {
+        Ok(()) => ExitCode::Ok,
+        Err(e) => {
+            if json {
+                let body = match &e {
+                    CliError::Api { body, .. } => body.clone(),
+                    other => json!({"code": "cli_error", "message": other.to_string()}),
+                };
+                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+            } else {
+                eprintln!("error: {e}");
+            }
+            e.exit_code()
+        }
+    }
+}
+
+async fn run_inner(cli: Cli) -> Result<(), CliError> {
+    let saved = client::load_saved();
+    let url = cli
+        .url
+        .clone()
+        .or(saved.url.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:7480".into());
+    let token = cli.token.clone().or(saved.token.clone());
+    let c = Client::new(url.clone(), token);
+    let out = |kind: &str, v: Value| {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            let text = render(kind, &v);
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+    };
+    let warn = |v: &Value| {
+        if let Some(w) = v["warnings"].as_array() {
+            for w in w {
+                eprintln!("warning: {}", s(w));
+            }
+        }
+    };
+    use Method as M;
+    match cli.command {
+        Command::Serve(_) => {
+            return Err(CliError::Usage("serve is handled by the binary".into()));
+        }
+        Command::Login { user, password_file } => {
+            let password = read_password(&password_file, "PAIRVISOR_PASSWORD")?;
+            let v = c
+                .call(M::POST, "/auth/login", Some(json!({"user": user, "password": password})))
+                .await?;
+            client::save(&Saved {
+                url: Some(url.clone()),
+                token: v["token"].as_str().map(str::to_string),
+            })?;
+            if cli.json {
+                out("", json!({"user": v["user"], "role": v["role"], "url": url}));
+            } else {
+                println!("logged in to {url} as {} ({})", s(&v["user"]), s(&v["role"]));
+            }
+        }
+        Command::Logout => {
+            let _ = c.call(M::POST, "/auth/logout", None).await;
+            client::save(&Saved { url: Some(url), token: None })?;
+        }
+        Command::Vm(cmd) => match cmd {
+            VmCmd::List => out("vms", c.call(M::GET, "/vms", None).await?),
+            VmCmd::Show { name } => out("", c.call(M::GET, &format!("/vms/{name}"), None).await?),
+            VmCmd::Create(a) => {
+                let boot = match (&a.boot_size, &a.boot_volume) {
+                    (Some(size), _) => json!({"size_bytes": parse_size(size)?, "group": a.group}),
+                    (None, Some(v)) => json!({"name": v}),
+                    (None, None) => {
+                        return Err(CliError::Usage(
+                            "give --boot-size SIZE for a new boot volume or --boot-volume NAME".into(),
+                        ))
+                    }
+                };
+                let data = a
+                    .data_volumes
+                    .iter()
+                    .map(|d| volume_arg(d, &a.group))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let kernel = a.kernel.as_ref().map(|k| json!({"kernel": k, "initrd": a.initrd, "cmdline": a.cmdline}));
+                let body = json!({
+                    "name": a.name, "vcpus": a.vcpus, "memory_mib": mib(&a.memory)?,
+                    "guest_type": a.guest_type, "boot_volume": boot, "data_volumes": data,
+                    "nics": a.nics.iter().map(|n| json!({"network": n})).collect::<Vec<_>>(),
+                    "cdrom": a.cdrom, "kernel": kernel, "instance_check": a.instance_check,
+                });
+                let v = c.call(M::POST, "/vms", Some(body)).await?;
+                if a.start {
+                    let r = c.call(M::POST, &format!("/vms/{}/start", a.name), None).await?;
+                    warn(&r);
+                    out("", r["vm"].clone());
+                } else {
+                    out("", v);
+                }
+            }
+            VmCmd::Start { name } => {
+                let r = c.call(M::POST, &format!("/vms/{name}/start"), None).await?;
+                warn(&r);
+                out("", r["vm"].clone());
+            }
+            VmCmd::Shutdown { name } => out("", c.call(M::POST, &format!("/vms/{name}/shutdown"), None).await?),
+            VmCmd::Poweroff { name } => out("", c.call(M::POST, &format!("/vms/{name}/poweroff"), None).await?),
+            VmCmd::Dump { name } => out("", c.call(M::POST, &format!("/vms/{name}/dump"), None).await?),
+            VmCmd::ResetDevice { name } => {
+                out("", c.call(M::POST, &format!("/vms/{name}/reset-device"), None).await?)
+            }
+            VmCmd::BootFromCd { name, vcd } => {
+                let r = c
+                    .call(M::POST, &format!("/vms/{name}/boot-from-cd"), Some(json!({"vcd": vcd})))
+                    .await?;
+                warn(&r);
+                out("", r["vm"].clone());
+            }
+            VmCmd::InsertCd { name, vcd } => {
+                out("", c.call(M::PUT, &format!("/vms/{name}/cd"), Some(json!({"vcd": vcd}))).await?)
+            }
+            VmCmd::EjectCd { name } => out("", c.call(M::DELETE, &format!("/vms/{name}/cd"), None).await?),
+            VmCmd::Config(a) => {
+                let mut macs = Vec::new();
+                for m in &a.macs {
+                    let (i, mac) = m
+                        .split_once('=')
+                        .ok_or_else(|| CliError::Usage(format!("--mac '{m}': write INDEX=MAC")))?;
+                    let nic: usize = i
+                        .parse()
+                        .map_err(|_| CliError::Usage(format!("--mac '{m}': INDEX must be a number")))?;
+                    macs.push(json!({"nic": nic, "mac": mac}));
+                }
+                let body = json!({
+                    "vcpus": a.vcpus,
+                    "memory_mib": a.memory.as_deref().map(mib).transpose()?,
+                    "add_volumes": a.add_volumes.iter().map(|v| volume_arg(v, &None)).collect::<Result<Vec<_>, _>>()?,
+                    "detach_volumes": a.detach_volumes, "delete_volumes": a.delete_volumes, "macs": macs,
+                });
+                out("", c.call(M::POST, &format!("/vms/{}/config", a.name), Some(body)).await?)
+            }
+            VmCmd::Remove { name, delete_data_volumes } => {
+                c.call(M::DELETE, &format!("/vms/{name}?delete_data_volumes={delete_data_volumes}"), None)
+                    .await?;
+                if !cli.json {
+                    println!("VM '{name}' removed");
+                }
+            }
+            VmCmd::Console { name, follow, tail_bytes } => {
+                let path = format!("/vms/{name}/console?tail_bytes={tail_bytes}&follow={follow}");
+                c.stream_to_stdout(&path).await?;
+            }
+        },
+        Command::Volume(cmd) => match cmd {
+            VolumeCmd::List => out("volumes", c.call(M::GET, "/volumes", None).await?),
+            VolumeCmd::Show { name } => out("", c.call(M::GET, &format!("/volumes/{name}"), None).await?),
+            VolumeCmd::Create { name, size, group } => out(
+                "",
+                c.call(M::POST, "/volumes", Some(json!({"name": name, "size_bytes": parse_size(&size)?, "group": group})))
+                    .await?,
+            ),
+            VolumeCmd::Attach { name, vm } => {
+                out("", c.call(M::POST, &format!("/volumes/{name}/attach"), Some(json!({"vm": vm}))).await?)
+            }
+            VolumeCmd::Detach { name } => out("", c.call(M::POST, &format!("/volumes/{name}/detach"), None).await?),
+            VolumeCmd::Delete { name } => {
+                c.call(M::DELETE, &format!("/volumes/{name}"), None).await?;
+            }
+        },
+        Command::StorageGroup(cmd) => match cmd {
+            GroupCmd::List => out("groups", c.call(M::GET, "/storage-groups", None).await?),
+            GroupCmd::Create { name, path, capacity } => out(
+                "",
+                c.call(
+                    M::POST,
+                    "/storage-groups",
+                    Some(json!({"name": name, "path": path, "capacity_bytes": parse_size(&capacity)?})),
+                )
+                .await?,
+            ),
+        },
+        Command::Vcd(cmd) => match cmd {
+            VcdCmd::List => out("vcds", c.call(M::GET, "/vcds", None).await?),
+            VcdCmd::Add { name, path } => {
+                out("", c.call(M::POST, "/vcds", Some(json!({"name": name, "path": path}))).await?)
+            }
+            VcdCmd::Upload { name, file } => out("", c.upload(&format!("/vcds/{name}"), &file).await?),
+            VcdCmd::Remove { name } => {
+                c.call(M::DELETE, &format!("/vcds/{name}"), None).await?;
+            }
+        },
+        Command::User(cmd) => match cmd {
+            UserCmd::List => out("users", c.call(M::GET, "/users", None).await?),
+            UserCmd::Create { name, role, password_file } => {
+                let password = read_password(&password_file, "PAIRVISOR_NEW_PASSWORD")?;
+                out(
+                    "",
+                    c.call(M::POST, "/users", Some(json!({"name": name, "role": role, "password": password})))
+                        .await?,
+                )
+            }
+            UserCmd::Delete { name } => {
+                c.call(M::DELETE, &format!("/users/{name}"), None).await?;
+            }
+        },
+        Command::Settings(cmd) => match cmd {
+            SettingsCmd::Show => out("", c.call(M::GET, "/settings", None).await?),
+            SettingsCmd::Set { pairs } => {
+                let mut body = serde_json::Map::new();
+                for p in pairs {
+                    let (k, v) = p
+                        .split_once('=')
+                        .ok_or_else(|| CliError::Usage(format!("'{p}': write KEY=VALUE")))?;
+                    // Numbers go as numbers, everything else as strings.
+                    let val = v.parse::<u64>().map(Value::from).unwrap_or_else(|_| Value::from(v));
+                    body.insert(k.to_string(), val);
+                }
+                out("", c.call(M::PATCH, "/settings", Some(Value::Object(body))).await?)
+            }
+        },
+        Command::Audit(AuditCmd::List { limit }) => {
+            out("audit", c.call(M::GET, &format!("/audit?limit={limit}"), None).await?)
+        }
+        Command::Pm(PmCmd::Show) => out("", c.call(M::GET, "/pm", None).await?),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        for (s, want) in [("512M", 512 << 20), ("8G", 8 << 30), ("10GiB", 10 << 30), ("4096", 4096), ("1T", 1 << 40)] {
+            assert_eq!(parse_size(s).unwrap(), want, "{s}");
+        }
+        for bad in ["", "G", "1.5G", "-1", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
