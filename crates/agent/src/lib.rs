@@ -119,9 +119,10 @@ impl Agent {
     /// first use, and re-attaches to QEMU processes that outlived a previous
     /// daemon (see [`Agent::recover`]).
     pub async fn open(paths: Paths, store: Store) -> Result<Agent> {
-        paths
-            .create_all()
-            .map_err(AgentError::io(format!("creating {}", paths.root().display())))?;
+        paths.create_all().map_err(AgentError::io(format!(
+            "creating {}",
+            paths.root().display()
+        )))?;
         let (events, _) = broadcast::channel(256);
         let agent = Agent {
             inner: Arc::new(Inner {
@@ -188,8 +189,8 @@ impl Agent {
     }
 
     fn set_state(&self, rec: &mut VmRecord, event: VmEvent, message: &str) -> Result<()> {
-        let next = vm::next_state(rec.state, event)
-            .map_err(|e| AgentError::Conflict(e.to_string()))?;
+        let next =
+            vm::next_state(rec.state, event).map_err(|e| AgentError::Conflict(e.to_string()))?;
         rec.state = next;
         self.save_vm(rec)?;
         self.emit(&rec.name, next, message);
@@ -252,7 +253,7 @@ impl Agent {
             mtbf_window_secs: threshold.window_secs,
             last_crash: v.last_crash.clone(),
             last_dump: v.last_dump.clone(),
-            pid: run.map(|r| r.qemu.pid()),
+            pid: run.map(|r| r.qemu.pid() as u32),
         }
     }
 
@@ -301,9 +302,11 @@ impl Agent {
         for g in self.list_storage_groups()? {
             warnings.extend(g.warnings);
         }
-        let qemu_version = pairvisor_hypervisor::qemu_version(&settings.qemu_binary)
-            .await
-            .ok();
+        let qemu_version =
+            pairvisor_hypervisor::qemu_version(std::path::Path::new(&settings.qemu_binary))
+                .await
+                .ok()
+                .map(|v| v.to_string());
         Ok(PmView {
             hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|s| s.trim().to_string())
@@ -445,7 +448,8 @@ impl Agent {
 
     /// Starts a stopped VM once from `vcd`, which is inserted in its CD drive.
     pub async fn boot_from_cd(&self, name: &str, vcd: &str) -> Result<OpResult> {
-        self.start_inner(name, Operation::BootFromCd, Some(vcd)).await
+        self.start_inner(name, Operation::BootFromCd, Some(vcd))
+            .await
     }
 
     async fn start_inner(&self, name: &str, op: Operation, cd: Option<&str>) -> Result<OpResult> {
@@ -545,7 +549,10 @@ impl Agent {
         let agent = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let result = run.qemu.dump_guest_memory(&file).await;
+            let result = run
+                .qemu
+                .dump_guest_memory(&file, Duration::from_secs(3600), |_| {})
+                .await;
             let _g = agent.inner.ops.lock().await;
             let Ok(mut rec) = agent.load_vm(&name) else {
                 return;
@@ -554,13 +561,16 @@ impl Agent {
                 return; // powered off meanwhile
             }
             match result {
-                Ok(()) => rec.last_dump = Some(file.display().to_string()),
+                Ok(_) => rec.last_dump = Some(file.display().to_string()),
                 Err(e) => warn!(vm = %name, "memory dump failed: {e}"),
             }
             *run.intent.lock().unwrap_or_else(|e| e.into_inner()) = Intent::Restart;
             stop_process(&run.qemu).await;
             agent.forget(&name);
-            if let Err(e) = agent.relaunch(&mut rec, "restarted after memory dump").await {
+            if let Err(e) = agent
+                .relaunch(&mut rec, "restarted after memory dump")
+                .await
+            {
                 warn!(vm = %name, "restart after dump failed: {e}");
             }
         });
@@ -691,11 +701,13 @@ impl Agent {
         }
         let plan = self.plan_volumes(&req.add_volumes, name)?;
         rec.data_volumes.retain(|v| !detach.contains(v));
-        rec.data_volumes
-            .extend(plan.iter().map(|p| p.name.clone()));
+        rec.data_volumes.extend(plan.iter().map(|p| p.name.clone()));
         let volumes: Vec<VolumeRecord> = self.inner.store.list()?;
         let mut delete_files = Vec::new();
-        for v in volumes.iter().filter(|v| req.delete_volumes.contains(&v.name)) {
+        for v in volumes
+            .iter()
+            .filter(|v| req.delete_volumes.contains(&v.name))
+        {
             delete_files.push(self.volume_path(v)?);
         }
         self.apply_volume_plan(&plan, |tx| {
@@ -721,7 +733,12 @@ impl Agent {
     /// Reads the tail of the VM's serial console log: at most `max_bytes`
     /// from the end, and the offset where the returned text ends (for
     /// following).
-    pub fn console_log(&self, name: &str, from: Option<u64>, max_bytes: u64) -> Result<(Vec<u8>, u64)> {
+    pub fn console_log(
+        &self,
+        name: &str,
+        from: Option<u64>,
+        max_bytes: u64,
+    ) -> Result<(Vec<u8>, u64)> {
         let rec = self.load_vm(name)?;
         let path = self.inner.paths.vm_run_dir(&rec.id).join("console.log");
         let data = match std::fs::read(&path) {
@@ -761,21 +778,29 @@ impl Agent {
         }
     }
 
-    fn spec_for(&self, rec: &VmRecord, settings: &Settings, boot_cd: bool) -> Result<pairvisor_hypervisor::VmSpec> {
+    fn spec_for(
+        &self,
+        rec: &VmRecord,
+        settings: &Settings,
+        boot_cd: bool,
+    ) -> Result<pairvisor_hypervisor::VmSpec> {
         use pairvisor_hypervisor::{Accel, Disk, DiskSource, KernelBoot, Nic, NicBackend, VmSpec};
         let volumes: Vec<VolumeRecord> = self.inner.store.list()?;
         let mut disks = Vec::new();
         for (i, vname) in rec.volumes().enumerate() {
-            let v = volumes
-                .iter()
-                .find(|v| &v.name == vname)
-                .ok_or_else(|| AgentError::NotFound {
-                    kind: "volume",
-                    name: vname.clone(),
-                })?;
+            let v =
+                volumes
+                    .iter()
+                    .find(|v| &v.name == vname)
+                    .ok_or_else(|| AgentError::NotFound {
+                        kind: "volume",
+                        name: vname.clone(),
+                    })?;
             disks.push(Disk {
                 id: format!("disk{i}"),
-                source: DiskSource::RawFile(self.volume_path(v)?),
+                source: DiskSource::RawFile {
+                    path: self.volume_path(v)?,
+                },
                 read_only: false,
             });
         }
@@ -815,7 +840,7 @@ impl Agent {
     async fn launch(&self, rec: &mut VmRecord, settings: &Settings, boot_cd: bool) -> Result<()> {
         let spec = self.spec_for(rec, settings, boot_cd)?;
         let run_dir = self.inner.paths.vm_run_dir(&rec.id);
-        let qemu = QemuVm::launch(&settings.qemu_binary, &spec, &run_dir)
+        let qemu = QemuVm::launch(std::path::Path::new(&settings.qemu_binary), &spec, &run_dir)
             .await
             .map_err(|e| AgentError::Hypervisor(e.to_string()))?;
         self.adopt(rec, qemu);
@@ -906,14 +931,20 @@ impl Agent {
         let settings = self.settings().unwrap_or_default();
         let status = run.qemu.status().await;
         let answered = match rec.instance_check {
-            pairvisor_store::InstanceCheck::Agent => {
-                Some(run.qemu.guest_ping(Duration::from_millis(800)).await.is_ok())
-            }
+            pairvisor_store::InstanceCheck::Agent => Some(
+                run.qemu
+                    .guest_ping(Duration::from_millis(800))
+                    .await
+                    .is_ok(),
+            ),
             pairvisor_store::InstanceCheck::None => None,
         };
         if let Ok(mut h) = run.health.lock() {
             h.system_ok = status.is_ok();
-            h.run_state = status.as_ref().ok().map(|s| s.to_string());
+            h.run_state = status
+                .as_ref()
+                .ok()
+                .map(|s| format!("{s:?}").to_lowercase());
             h.instance_ok = answered;
             if answered == Some(true) {
                 h.last_answer = Some(now());
@@ -948,18 +979,24 @@ impl Agent {
         let Ok(mut rec) = self.load_vm(name) else {
             return;
         };
-        let clean = panic.is_none()
-            && (matches!(intent, Intent::Shutdown | Intent::PowerOff) || guest_off);
+        let clean =
+            panic.is_none() && (matches!(intent, Intent::Shutdown | Intent::PowerOff) || guest_off);
         if intent == Intent::Restart {
             return; // whoever killed it relaunches it
         }
         if clean {
             self.forget(name);
-            let msg = if guest_off { "guest powered off" } else { "VM powered off" };
+            let msg = if guest_off {
+                "guest powered off"
+            } else {
+                "VM powered off"
+            };
             let _ = self.set_state(&mut rec, VmEvent::Stopped, msg);
             return;
         }
-        let reason = panic.unwrap_or("QEMU process exited unexpectedly").to_string();
+        let reason = panic
+            .unwrap_or("QEMU process exited unexpectedly")
+            .to_string();
         if panic.is_some() {
             stop_process(&run.qemu).await;
         }
@@ -1037,10 +1074,15 @@ impl Agent {
                 Err(e) => {
                     let _g = self.inner.ops.lock().await;
                     if rec.state == VmState::Stopping {
-                        let _ = self.set_state(&mut rec, VmEvent::Stopped, "VM stopped while the daemon was down");
+                        let _ = self.set_state(
+                            &mut rec,
+                            VmEvent::Stopped,
+                            "VM stopped while the daemon was down",
+                        );
                     } else {
                         warn!(vm = %rec.name, "QEMU is gone: {e}");
-                        self.crash(&mut rec, "QEMU process ended while the daemon was down").await;
+                        self.crash(&mut rec, "QEMU process ended while the daemon was down")
+                            .await;
                     }
                 }
             }
@@ -1099,8 +1141,12 @@ fn check_host_file(what: &str, path: &str) -> Result<()> {
     }
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(AgentError::Invalid(format!("{what} path '{path}' is not a regular file"))),
-        Err(_) => Err(AgentError::Invalid(format!("{what} file '{path}' does not exist"))),
+        Ok(_) => Err(AgentError::Invalid(format!(
+            "{what} path '{path}' is not a regular file"
+        ))),
+        Err(_) => Err(AgentError::Invalid(format!(
+            "{what} file '{path}' does not exist"
+        ))),
     }
 }
 

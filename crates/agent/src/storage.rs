@@ -136,8 +136,7 @@ impl Agent {
                 req.path, g.name
             )));
         }
-        std::fs::create_dir_all(path)
-            .map_err(AgentError::io(format!("creating {}", req.path)))?;
+        std::fs::create_dir_all(path).map_err(AgentError::io(format!("creating {}", req.path)))?;
         let rec = StorageGroupRecord {
             name: req.name.clone(),
             path: req.path.clone(),
@@ -483,7 +482,10 @@ impl Agent {
         match std::fs::metadata(src) {
             Ok(m) if m.is_file() && m.len() > 0 => {}
             Ok(m) if m.is_file() => {
-                return Err(AgentError::Invalid(format!("VCD file '{}' is empty", req.path)))
+                return Err(AgentError::Invalid(format!(
+                    "VCD file '{}' is empty",
+                    req.path
+                )))
             }
             Ok(_) => {
                 return Err(AgentError::Invalid(format!(

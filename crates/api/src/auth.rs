@@ -4,7 +4,9 @@
 //! SHA-256 is stored, so a copy of the database does not grant access.
 
 use crate::error::{ApiError, ApiResult};
-use argon2::password_hash::{rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
 use argon2::Argon2;
 use axum::http::StatusCode;
 use pairvisor_agent::now;
@@ -62,7 +64,11 @@ pub fn hash_password(password: &str) -> ApiResult<String> {
 
 fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -81,7 +87,8 @@ fn check_password_rules(password: &str) -> ApiResult<()> {
 
 /// Creates a user (validated name, password rules, unique).
 pub fn create_user(store: &Store, name: &str, role: Role, password: &str) -> ApiResult<UserRecord> {
-    validate_name("user", name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", e.to_string()))?;
+    validate_name("user", name)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_name", e.to_string()))?;
     check_password_rules(password)?;
     let rec = UserRecord {
         name: name.to_string(),
@@ -111,7 +118,8 @@ pub fn login(store: &Store, name: &str, password: &str) -> ApiResult<(String, Us
     let ok = match &user {
         Some(u) => verify_password(password, &u.password_hash),
         None => {
-            let dummy = DUMMY_HASH.get_or_init(|| hash_password("not a password").unwrap_or_default());
+            let dummy =
+                DUMMY_HASH.get_or_init(|| hash_password("not a password").unwrap_or_default());
             let _ = verify_password(password, dummy);
             false
         }
@@ -153,11 +161,15 @@ pub fn authenticate(store: &Store, token: &str) -> ApiResult<AuthUser> {
             "missing, unknown or expired token; log in with POST /api/v1/auth/login",
         )
     };
-    let rec = store.get::<TokenRecord>(&token_hash(token))?.ok_or_else(unauthorized)?;
+    let rec = store
+        .get::<TokenRecord>(&token_hash(token))?
+        .ok_or_else(unauthorized)?;
     if rec.expires_at <= now() {
         return Err(unauthorized());
     }
-    let user = store.get::<UserRecord>(&rec.user)?.ok_or_else(unauthorized)?;
+    let user = store
+        .get::<UserRecord>(&rec.user)?
+        .ok_or_else(unauthorized)?;
     Ok(AuthUser {
         name: user.name,
         role: user.role,

@@ -81,11 +81,13 @@ impl From<AgentError> for ApiError {
                 "allowed_operations": pairvisor_model::vm::allowed_operations(n.state)
                     .iter().map(|o| o.as_str()).collect::<Vec<_>>(),
             })),
-            AgentError::Admission(pairvisor_model::admission::AdmissionError::InsufficientMemory {
-                needed_mib,
-                free_mib,
-                holders,
-            }) => Some(serde_json::json!({
+            AgentError::Admission(
+                pairvisor_model::admission::AdmissionError::InsufficientMemory {
+                    needed_mib,
+                    free_mib,
+                    holders,
+                },
+            ) => Some(serde_json::json!({
                 "needed_mib": needed_mib,
                 "free_mib": free_mib,
                 "missing_mib": needed_mib.saturating_sub(*free_mib),

@@ -1,9 +1,10 @@
 //! The Pairvisor REST API (JSON over HTTP), served by every PM's daemon.
 //!
 //! Every route except `/health`, `/api/v1/auth/login` and
-//! `/api/v1/openapi.json` needs a bearer token; every handler states the
-//! access its role must allow (read / operate / administer) as its first
-//! line; every request that changes something is written to the audit log
+//! `/api/v1/openapi.json` needs a bearer token. The access each route needs
+//! (read / operate / administer) is listed in one table, [`ACCESS`], checked
+//! before the request body is even read; a route missing from the table is
+//! refused to everyone (deny by default). Every request that changes something is written to the audit log
 //! with who, what, when and the result. The OpenAPI document is generated from
 //! the handlers and checked in as `docs/openapi.json` (a test keeps the two in
 //! step).
@@ -13,7 +14,7 @@ pub mod error;
 mod handlers;
 
 use auth::AuthUser;
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use axum::routing::{get, post, put};
 use axum::Router;
 use error::{ApiError, ErrorInfo};
 use pairvisor_agent::{now, Agent};
+use pairvisor_model::roles::Access;
 use pairvisor_store::AuditRecord;
 use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
@@ -123,23 +125,78 @@ pub fn router(agent: Agent) -> Router {
         .route("/audit", get(audit))
         .route("/pm", get(pm))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
-    let public = Router::new()
-        .route("/auth/login", post(login))
-        .route("/openapi.json", get(|| async {
-            ([(axum::http::header::CONTENT_TYPE, "application/json")], openapi_json())
-        }));
+    let public = Router::new().route("/auth/login", post(login)).route(
+        "/openapi.json",
+        get(|| async {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                openapi_json(),
+            )
+        }),
+    );
     Router::new()
         .nest("/api/v1", api.merge(public))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /api/v1/openapi.json")
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see /api/v1/openapi.json",
+            )
         })
         .layer(middleware::from_fn_with_state(state.clone(), audit_layer))
         .with_state(state)
 }
 
-/// Bearer-token authentication for every protected route; puts the
-/// [`AuthUser`] into the request's extensions.
+/// The access each protected route needs: (method, route, access).
+pub const ACCESS: &[(&str, &str, Access)] = &[
+    ("POST", "/auth/logout", Access::Read),
+    ("GET", "/auth/whoami", Access::Read),
+    ("GET", "/vms", Access::Read),
+    ("POST", "/vms", Access::Administer),
+    ("GET", "/vms/{name}", Access::Read),
+    ("DELETE", "/vms/{name}", Access::Administer),
+    ("POST", "/vms/{name}/start", Access::Operate),
+    ("POST", "/vms/{name}/shutdown", Access::Operate),
+    ("POST", "/vms/{name}/poweroff", Access::Operate),
+    ("POST", "/vms/{name}/dump", Access::Operate),
+    ("POST", "/vms/{name}/reset-device", Access::Operate),
+    ("POST", "/vms/{name}/boot-from-cd", Access::Operate),
+    ("PUT", "/vms/{name}/cd", Access::Operate),
+    ("DELETE", "/vms/{name}/cd", Access::Operate),
+    ("POST", "/vms/{name}/config", Access::Administer),
+    ("GET", "/vms/{name}/console", Access::Read),
+    ("GET", "/volumes", Access::Read),
+    ("POST", "/volumes", Access::Administer),
+    ("GET", "/volumes/{name}", Access::Read),
+    ("DELETE", "/volumes/{name}", Access::Administer),
+    ("POST", "/volumes/{name}/attach", Access::Administer),
+    ("POST", "/volumes/{name}/detach", Access::Administer),
+    ("GET", "/storage-groups", Access::Read),
+    ("POST", "/storage-groups", Access::Administer),
+    ("GET", "/vcds", Access::Read),
+    ("POST", "/vcds", Access::Administer),
+    ("PUT", "/vcds/{name}", Access::Administer),
+    ("DELETE", "/vcds/{name}", Access::Administer),
+    ("GET", "/users", Access::Administer),
+    ("POST", "/users", Access::Administer),
+    ("DELETE", "/users/{name}", Access::Administer),
+    ("GET", "/settings", Access::Read),
+    ("PATCH", "/settings", Access::Administer),
+    ("GET", "/audit", Access::Read),
+    ("GET", "/pm", Access::Read),
+];
+
+fn required_access(method: &Method, route: &str) -> Option<Access> {
+    let route = route.strip_prefix("/api/v1").unwrap_or(route);
+    ACCESS
+        .iter()
+        .find(|(m, r, _)| *m == method.as_str() && *r == route)
+        .map(|(_, _, a)| *a)
+}
+
+/// Bearer-token authentication and role check for every protected route;
+/// puts the [`AuthUser`] into the request's extensions.
 async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let token = req
         .headers()
@@ -158,6 +215,27 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
     };
     match auth::authenticate(st.agent.store(), &token) {
         Ok(user) => {
+            let route = req
+                .extensions()
+                .get::<MatchedPath>()
+                .map(|m| m.as_str().to_string())
+                .unwrap_or_default();
+            let check = match required_access(req.method(), &route) {
+                Some(access) => user.require(access),
+                None => Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    format!(
+                        "{} {route} has no access rule; refused to everyone",
+                        req.method()
+                    ),
+                )),
+            };
+            if let Err(e) = check {
+                let mut resp = e.into_response();
+                resp.extensions_mut().insert(user);
+                return resp;
+            }
             req.extensions_mut().insert(user.clone());
             let mut resp = next.run(req).await;
             resp.extensions_mut().insert(user);
@@ -186,10 +264,7 @@ async fn audit_layer(State(st): State<AppState>, req: Request, next: Next) -> Re
         None if resp.status().is_success() => "ok".into(),
         None => resp.status().to_string(),
     };
-    let target = path
-        .strip_prefix("/api/v1/")
-        .unwrap_or(&path)
-        .to_string();
+    let target = path.strip_prefix("/api/v1/").unwrap_or(&path).to_string();
     let rec = AuditRecord {
         seq: 0,
         time: now(),

@@ -123,7 +123,9 @@ impl Client {
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}/api/v1{path}", self.url));
+        let mut r = self
+            .http
+            .request(method, format!("{}/api/v1{path}", self.url));
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         }
@@ -153,7 +155,12 @@ impl Client {
 
     /// Sends a request with an optional JSON body; returns the JSON answer
     /// (`null` for empty answers).
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, CliError> {
         let mut rb = self.req(method, path);
         if let Some(b) = body {
             rb = rb.json(&b);
@@ -166,13 +173,15 @@ impl Client {
         if bytes.is_empty() {
             return Ok(Value::Null);
         }
-        Ok(serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())))
+        Ok(serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())))
     }
 
     /// GET and decode.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
         let v = self.call(reqwest::Method::GET, path, None).await?;
-        serde_json::from_value(v).map_err(|e| CliError::Local(format!("unexpected answer from the daemon: {e}")))
+        serde_json::from_value(v)
+            .map_err(|e| CliError::Local(format!("unexpected answer from the daemon: {e}")))
     }
 
     /// Uploads a file as the raw body of a PUT.

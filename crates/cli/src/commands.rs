@@ -382,7 +382,10 @@ pub enum PmCmd {
 /// Parses sizes like `512M`, `8G`, `1T`, `4096` (bytes), `10GiB`.
 pub fn parse_size(s: &str) -> Result<u64, CliError> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mult) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
@@ -393,7 +396,11 @@ pub fn parse_size(s: &str) -> Result<u64, CliError> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| CliError::Usage(format!("'{s}' is not a size; write e.g. 512M, 8G or a number of bytes")))
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "'{s}' is not a size; write e.g. 512M, 8G or a number of bytes"
+            ))
+        })
 }
 
 fn mib(s: &str) -> Result<u64, CliError> {
@@ -419,7 +426,9 @@ fn read_password(file: &Option<PathBuf>, env: &str) -> Result<String, CliError> 
 
 fn volume_arg(s: &str, group: &Option<String>) -> Result<Value, CliError> {
     match s.split_once(':') {
-        Some((name, size)) => Ok(json!({"name": name, "size_bytes": parse_size(size)?, "group": group})),
+        Some((name, size)) => {
+            Ok(json!({"name": name, "size_bytes": parse_size(size)?, "group": group}))
+        }
         None => Ok(json!({"name": s})),
     }
 }
@@ -467,7 +476,15 @@ fn s(v: &Value) -> String {
 fn render(path_kind: &str, v: &Value) -> String {
     match (path_kind, v) {
         ("vms", Value::Array(a)) => table(
-            &["NAME", "STATE", "ACTIVITY", "VCPUS", "MEMORY", "BOOT VOLUME", "GUEST"],
+            &[
+                "NAME",
+                "STATE",
+                "ACTIVITY",
+                "VCPUS",
+                "MEMORY",
+                "BOOT VOLUME",
+                "GUEST",
+            ],
             a.iter()
                 .map(|vm| {
                     vec![
@@ -508,7 +525,11 @@ fn render(path_kind: &str, v: &Value) -> String {
                     vec![
                         s(&x["name"]),
                         human_bytes(x["size_bytes"].as_u64().unwrap_or(0)),
-                        if x["can_remove"].as_bool() == Some(true) { "yes".into() } else { "no".into() },
+                        if x["can_remove"].as_bool() == Some(true) {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
                         x["inserted_in"]
                             .as_array()
                             .map(|l| l.iter().map(s).collect::<Vec<_>>().join(","))
@@ -534,12 +555,22 @@ fn render(path_kind: &str, v: &Value) -> String {
         ),
         ("users", Value::Array(a)) => table(
             &["NAME", "ROLE"],
-            a.iter().map(|x| vec![s(&x["name"]), s(&x["role"])]).collect(),
+            a.iter()
+                .map(|x| vec![s(&x["name"]), s(&x["role"])])
+                .collect(),
         ),
         ("audit", Value::Array(a)) => table(
             &["SEQ", "TIME", "USER", "ACTION", "RESULT"],
             a.iter()
-                .map(|x| vec![s(&x["seq"]), s(&x["time"]), s(&x["user"]), s(&x["action"]), s(&x["result"])])
+                .map(|x| {
+                    vec![
+                        s(&x["seq"]),
+                        s(&x["time"]),
+                        s(&x["user"]),
+                        s(&x["action"]),
+                        s(&x["result"]),
+                    ]
+                })
                 .collect(),
         ),
         (_, Value::Object(o)) => o
@@ -564,7 +595,10 @@ pub async fn run(cli: Cli) -> ExitCode {
                     CliError::Api { body, .. } => body.clone(),
                     other => json!({"code": "cli_error", "message": other.to_string()}),
                 };
-                println!("{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&body).unwrap_or_default()
+                );
             } else {
                 eprintln!("error: {e}");
             }
@@ -791,7 +825,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        for (s, want) in [("512M", 512 << 20), ("8G", 8 << 30), ("10GiB", 10 << 30), ("4096", 4096), ("1T", 1 << 40)] {
+        for (s, want) in [
+            ("512M", 512 << 20),
+            ("8G", 8 << 30),
+            ("10GiB", 10 << 30),
+            ("4096", 4096),
+            ("1T", 1 << 40),
+        ] {
             assert_eq!(parse_size(s).unwrap(), want, "{s}");
         }
         for bad in ["", "G", "1.5G", "-1", "99999999999999T"] {

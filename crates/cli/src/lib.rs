@@ -5,7 +5,7 @@
 mod client;
 mod commands;
 
-pub use client::{Client, CliError};
+pub use client::{CliError, Client};
 pub use commands::{run, Cli, Command, ServeArgs};
 
 /// Stable exit codes, for scripts (UPS software, cron).

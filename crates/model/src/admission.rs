@@ -17,18 +17,22 @@ pub const GIB: u64 = 1024 * MIB;
 
 /// The guest operating system family; decides the memory minimum (V3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
 pub enum GuestType {
     /// 64-bit Linux.
+    #[serde(rename = "linux-64")]
     Linux64,
     /// 32-bit Linux.
+    #[serde(rename = "linux-32")]
     Linux32,
     /// 64-bit Windows.
+    #[serde(rename = "windows-64")]
     Windows64,
     /// 32-bit Windows.
+    #[serde(rename = "windows-32")]
     Windows32,
     /// Anything else (appliances, small test guests); treated as 32-bit.
     #[default]
+    #[serde(rename = "other")]
     Other,
 }
 
@@ -355,6 +359,24 @@ mod tests {
             vcpus,
             memory_mib,
         }
+    }
+
+    #[test]
+    fn guest_type_json_names_match_as_str() {
+        for gt in [
+            GuestType::Linux64,
+            GuestType::Linux32,
+            GuestType::Windows64,
+            GuestType::Windows32,
+            GuestType::Other,
+        ] {
+            let json = format!("\"{}\"", gt.as_str());
+            assert_eq!(serde_json_like(gt), json);
+        }
+    }
+
+    fn serde_json_like(gt: GuestType) -> String {
+        serde_json::to_string(&gt).unwrap()
     }
 
     #[test]

@@ -17,7 +17,9 @@ pub enum MacError {
     #[error("'{0}' is not a MAC address; write six hex bytes like 52:54:00:12:34:56")]
     Syntax(String),
     /// The group bit is set.
-    #[error("'{0}' is a multicast address; a VM interface needs a unicast address (first byte even)")]
+    #[error(
+        "'{0}' is a multicast address; a VM interface needs a unicast address (first byte even)"
+    )]
     Multicast(String),
     /// All zeros.
     #[error("00:00:00:00:00:00 is not a usable MAC address")]

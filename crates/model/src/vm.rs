@@ -162,7 +162,9 @@ pub fn allowed_operations(state: VmState) -> &'static [Operation] {
     use Operation::*;
     match state {
         VmState::Busy => &[],
-        VmState::Stopped => &[Start, Config, Export, Snapshot, BootFromCd, Remove, ChangeCd],
+        VmState::Stopped => &[
+            Start, Config, Export, Snapshot, BootFromCd, Remove, ChangeCd,
+        ],
         VmState::Booting => &[Console, PowerOff, Dump, ChangeCd],
         VmState::Running => &[Console, Shutdown, PowerOff, Dump, Migrate, ChangeCd],
         VmState::Stopping => &[PowerOff, Remove],
@@ -274,7 +276,9 @@ mod tests {
         (VmState::Busy, &[]),
         (
             VmState::Stopped,
-            &[Start, Config, Export, Snapshot, BootFromCd, Remove, ChangeCd],
+            &[
+                Start, Config, Export, Snapshot, BootFromCd, Remove, ChangeCd,
+            ],
         ),
         (VmState::Booting, &[Console, PowerOff, Dump, ChangeCd]),
         (
@@ -370,7 +374,10 @@ mod tests {
 
     #[test]
     fn serde_names() {
-        assert_eq!(serde_json::to_string(&VmState::Critical).unwrap(), "\"critical\"");
+        assert_eq!(
+            serde_json::to_string(&VmState::Critical).unwrap(),
+            "\"critical\""
+        );
         assert_eq!(serde_json::to_string(&PowerOff).unwrap(), "\"power_off\"");
     }
 }

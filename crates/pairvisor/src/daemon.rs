@@ -14,8 +14,7 @@ use tracing::info;
 pub async fn serve(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -39,7 +38,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     }
     ensure_admin(&store, &args)?;
 
-    let agent = Agent::open(paths, store).await.context("starting the agent")?;
+    let agent = Agent::open(paths, store)
+        .await
+        .context("starting the agent")?;
     let app = pairvisor_api::router(agent.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -93,7 +94,10 @@ fn ensure_admin(store: &Store, args: &ServeArgs) -> Result<()> {
                 .open(&file)
                 .with_context(|| format!("writing {}", file.display()))?;
             writeln!(f, "{p}")?;
-            info!("created user 'admin'; its password is in {}", file.display());
+            info!(
+                "created user 'admin'; its password is in {}",
+                file.display()
+            );
             p
         }
     };

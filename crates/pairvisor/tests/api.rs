@@ -1,0 +1,789 @@
+//! REST API against the real daemon: bad input (clear error, nothing
+//! changed), role enforcement on every route, audit log, OpenAPI document.
+//! These tests start no VM, so they need no guest.
+
+mod common;
+
+use common::Daemon;
+use serde_json::{json, Value};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Everything an administrator can see, plus the files under the data
+/// directory that requests may create.
+fn snapshot(d: &Daemon) -> Value {
+    let mut files: Vec<String> = Vec::new();
+    for sub in ["storage", "vcds", "tmp"] {
+        for e in walk(&d.data.path().join(sub)) {
+            files.push(e);
+        }
+    }
+    files.sort();
+    json!({
+        "vms": d.ok("GET", "/vms", None),
+        "volumes": d.ok("GET", "/volumes", None),
+        "vcds": d.ok("GET", "/vcds", None),
+        "users": d.ok("GET", "/users", None),
+        "groups": d.ok("GET", "/storage-groups", None),
+        "settings": d.ok("GET", "/settings", None),
+        "files": files,
+    })
+}
+
+fn walk(p: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(p) {
+        for e in rd.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+/// Asserts that a request fails with `status` and `code`, that the message
+/// contains `needle`, and that nothing changed.
+fn refused(
+    d: &Daemon,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    status: u16,
+    code: &str,
+    needle: &str,
+) {
+    let before = snapshot(d);
+    let (s, v) = d.call(method, path, body.clone());
+    assert_eq!(s, status, "{method} {path} {body:?} -> {v}");
+    assert_eq!(v["code"], code, "{method} {path} -> {v}");
+    let msg = v["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains(needle),
+        "{method} {path}: message {msg:?} lacks {needle:?}"
+    );
+    assert_eq!(snapshot(d), before, "{method} {path} changed something");
+}
+
+fn vm_body(name: &str) -> Value {
+    json!({"name": name, "vcpus": 1, "memory_mib": 256, "boot_volume": {"size_bytes": 16 << 20}})
+}
+
+#[test]
+fn bad_input_is_refused_clearly_and_changes_nothing() {
+    let d = Daemon::start();
+    d.ok("POST", "/vms", Some(vm_body("web")));
+    d.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "data1", "size_bytes": 8 << 20})),
+    );
+    d.ok("POST", "/volumes/data1/attach", Some(json!({"vm": "web"})));
+
+    // Unknown objects.
+    refused(
+        &d,
+        "GET",
+        "/vms/nope",
+        None,
+        404,
+        "not_found",
+        "VM 'nope' does not exist",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/nope/start",
+        None,
+        404,
+        "not_found",
+        "VM 'nope'",
+    );
+    refused(
+        &d,
+        "DELETE",
+        "/volumes/nope",
+        None,
+        404,
+        "not_found",
+        "volume 'nope'",
+    );
+    refused(
+        &d,
+        "POST",
+        "/volumes/nope/attach",
+        Some(json!({"vm": "web"})),
+        404,
+        "not_found",
+        "volume 'nope'",
+    );
+    refused(
+        &d,
+        "DELETE",
+        "/vcds/nope",
+        None,
+        404,
+        "not_found",
+        "VCD 'nope'",
+    );
+    refused(
+        &d,
+        "PUT",
+        "/vms/web/cd",
+        Some(json!({"vcd": "nope"})),
+        404,
+        "not_found",
+        "VCD 'nope'",
+    );
+
+    // Duplicate and invalid names.
+    refused(
+        &d,
+        "POST",
+        "/vms",
+        Some(vm_body("web")),
+        409,
+        "already_exists",
+        "VM 'web' already exists",
+    );
+    let long = "x".repeat(65);
+    for (name, needle) in [
+        ("", "empty"),
+        (long.as_str(), "at most 64"),
+        ("a/b", "cannot be paths"),
+        ("..", "may not start"),
+        ("a\u{1}b", "control character"),
+    ] {
+        refused(
+            &d,
+            "POST",
+            "/vms",
+            Some(vm_body(name)),
+            400,
+            "invalid_name",
+            needle,
+        );
+        refused(
+            &d,
+            "POST",
+            "/volumes",
+            Some(json!({"name": name, "size_bytes": 1 << 20})),
+            400,
+            "invalid_name",
+            needle,
+        );
+        let iso = d.data.path().join("admin-password");
+        refused(
+            &d,
+            "POST",
+            "/vcds",
+            Some(json!({"name": name, "path": iso})),
+            400,
+            "invalid_name",
+            needle,
+        );
+    }
+
+    // vCPUs and memory.
+    for vcpus in [0, 9] {
+        let mut b = vm_body("cpu");
+        b["vcpus"] = json!(vcpus);
+        refused(
+            &d,
+            "POST",
+            "/vms",
+            Some(b),
+            422,
+            "admission_refused",
+            "between 1 and 8",
+        );
+    }
+    let mut b = vm_body("small");
+    b["memory_mib"] = json!(255);
+    refused(
+        &d,
+        "POST",
+        "/vms",
+        Some(b),
+        422,
+        "admission_refused",
+        "minimum is 256 MiB",
+    );
+    let mut b = vm_body("small64");
+    b["memory_mib"] = json!(599);
+    b["guest_type"] = json!("linux-64");
+    refused(
+        &d,
+        "POST",
+        "/vms",
+        Some(b),
+        422,
+        "admission_refused",
+        "minimum is 600 MiB",
+    );
+    let mut b = vm_body("huge");
+    b["memory_mib"] = json!(10_000_000);
+    refused(
+        &d,
+        "POST",
+        "/vms",
+        Some(b),
+        422,
+        "admission_refused",
+        "more than this unit can give",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"vcpus": 9})),
+        422,
+        "admission_refused",
+        "between 1 and 8",
+    );
+
+    // Volumes: space, attached, boot.
+    let sg = d.data.path().join("small-group");
+    d.ok(
+        "POST",
+        "/storage-groups",
+        Some(json!({"name": "small", "path": sg, "capacity_bytes": 100 << 20})),
+    );
+    refused(
+        &d,
+        "POST",
+        "/volumes",
+        Some(json!({"name": "big", "size_bytes": 200 << 20, "group": "small"})),
+        422,
+        "admission_refused",
+        "storage group 'small' has 104857600 bytes free",
+    );
+    refused(
+        &d,
+        "POST",
+        "/volumes",
+        Some(json!({"name": "odd", "size_bytes": 1000})),
+        422,
+        "admission_refused",
+        "multiple of 1 MiB",
+    );
+    refused(
+        &d,
+        "POST",
+        "/volumes",
+        Some(json!({"name": "x", "size_bytes": 1 << 20, "group": "nope"})),
+        404,
+        "not_found",
+        "storage group 'nope'",
+    );
+    refused(
+        &d,
+        "DELETE",
+        "/volumes/data1",
+        None,
+        409,
+        "conflict",
+        "attached to VM 'web'",
+    );
+    refused(
+        &d,
+        "DELETE",
+        "/volumes/web-boot",
+        None,
+        409,
+        "conflict",
+        "the boot volume of VM 'web'",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"detach_volumes": ["web-boot"]})),
+        409,
+        "conflict",
+        "boot volume",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"delete_volumes": ["web-boot"]})),
+        409,
+        "conflict",
+        "boot volume",
+    );
+    refused(
+        &d,
+        "POST",
+        "/volumes/web-boot/detach",
+        None,
+        409,
+        "conflict",
+        "boot volume",
+    );
+    refused(
+        &d,
+        "POST",
+        "/storage-groups",
+        Some(json!({"name": "rel", "path": "relative/dir", "capacity_bytes": 1 << 20})),
+        400,
+        "invalid_input",
+        "absolute",
+    );
+    refused(
+        &d,
+        "POST",
+        "/storage-groups",
+        Some(json!({"name": "up", "path": "/tmp/../etc", "capacity_bytes": 1 << 20})),
+        400,
+        "invalid_input",
+        "no '..'",
+    );
+
+    // Operations in the wrong state (V4).
+    refused(
+        &d,
+        "POST",
+        "/vms/web/shutdown",
+        None,
+        409,
+        "operation_not_allowed",
+        "cannot shutdown VM 'web': it is stopped; allowed while stopped: start, config",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/dump",
+        None,
+        409,
+        "operation_not_allowed",
+        "it is stopped",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/reset-device",
+        None,
+        409,
+        "operation_not_allowed",
+        "it is stopped",
+    );
+    let (_, v) = d.call("POST", "/vms/web/poweroff", None);
+    assert_eq!(v["details"]["state"], "stopped");
+    assert!(v["details"]["allowed_operations"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("start")));
+
+    // Malformed JSON, wrong types, unknown fields.
+    let before = snapshot(&d);
+    for body in [
+        &b"{not json"[..],
+        b"{\"name\": 5}",
+        b"{\"name\":\"a\",\"vcpus\":1,\"memory_mib\":256,\"boot_volume\":{},\"bogus\":1}",
+    ] {
+        let (s, v) = d.call_raw("POST", "/vms", body.to_vec(), "application/json");
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(v["code"], "malformed_json", "{v}");
+        assert!(v["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body is not valid"));
+    }
+    let (s, v) = d.call_raw("POST", "/vms", b"{}".to_vec(), "text/plain");
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (400, Some("malformed_json")),
+        "{v}"
+    );
+    assert_eq!(snapshot(&d), before);
+
+    // VCD paths.
+    refused(
+        &d,
+        "POST",
+        "/vcds",
+        Some(json!({"name": "cd", "path": "/nonexistent/x.iso"})),
+        400,
+        "invalid_input",
+        "does not exist",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vcds",
+        Some(json!({"name": "cd", "path": "/tmp"})),
+        400,
+        "invalid_input",
+        "not a regular file",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vcds",
+        Some(json!({"name": "cd", "path": "x.iso"})),
+        400,
+        "invalid_input",
+        "not absolute",
+    );
+
+    // Settings.
+    refused(
+        &d,
+        "PATCH",
+        "/settings",
+        Some(json!({"accel": "xen"})),
+        400,
+        "invalid_input",
+        "allowed: kvm, tcg",
+    );
+    refused(
+        &d,
+        "PATCH",
+        "/settings",
+        Some(json!({"memory_reserve_mib": 1, "accel": "kvm"})),
+        400,
+        "invalid_input",
+        "allowed: 256 to 65536",
+    );
+    refused(
+        &d,
+        "PATCH",
+        "/settings",
+        Some(json!({"timezone": "../../etc/passwd"})),
+        400,
+        "invalid_input",
+        "IANA",
+    );
+
+    // Users.
+    refused(
+        &d,
+        "POST",
+        "/users",
+        Some(json!({"name": "bob", "role": "operator", "password": "short"})),
+        400,
+        "invalid_input",
+        "at least 8",
+    );
+    refused(
+        &d,
+        "POST",
+        "/users",
+        Some(json!({"name": "admin", "role": "operator", "password": "long enough"})),
+        409,
+        "already_exists",
+        "user 'admin'",
+    );
+    refused(
+        &d,
+        "DELETE",
+        "/users/admin",
+        None,
+        409,
+        "conflict",
+        "last administrator",
+    );
+
+    // Unknown route.
+    let (s, v) = d.call("GET", "/nope", None);
+    assert_eq!((s, v["code"].as_str()), (404, Some("not_found")));
+}
+
+#[test]
+fn vcd_upload_add_insert_remove_and_interrupted_upload() {
+    let d = Daemon::start();
+    d.ok("POST", "/vms", Some(vm_body("web")));
+    // Upload through HTTP.
+    let iso: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let (s, v) = d.call_raw(
+        "PUT",
+        "/vcds/install",
+        iso.clone(),
+        "application/octet-stream",
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["size_bytes"], 300_000);
+    assert_eq!(v["can_remove"], true);
+    let stored = std::fs::read(d.data.path().join("vcds/install.iso")).unwrap();
+    assert_eq!(stored, iso, "uploaded image stored byte for byte");
+    // Add from a path on the PM.
+    let src = d.data.path().join("local.iso");
+    std::fs::write(&src, b"ISO DATA").unwrap();
+    d.ok("POST", "/vcds", Some(json!({"name": "local", "path": src})));
+    refused(
+        &d,
+        "PUT",
+        "/vcds/install",
+        None,
+        409,
+        "already_exists",
+        "VCD 'install'",
+    );
+
+    // Insert into a stopped VM: no longer removable.
+    d.ok("PUT", "/vms/web/cd", Some(json!({"vcd": "install"})));
+    let list = d.ok("GET", "/vcds", None);
+    let install = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "install")
+        .unwrap();
+    assert_eq!(install["can_remove"], false);
+    assert_eq!(install["inserted_in"], json!(["web"]));
+    refused(
+        &d,
+        "DELETE",
+        "/vcds/install",
+        None,
+        409,
+        "conflict",
+        "inserted in VM(s) web; eject it first",
+    );
+    d.ok("DELETE", "/vms/web/cd", None);
+    refused(
+        &d,
+        "DELETE",
+        "/vms/web/cd",
+        None,
+        409,
+        "conflict",
+        "no CD inserted",
+    );
+    let (s, _) = d.call("DELETE", "/vcds/install", None);
+    assert_eq!(s, 204);
+    assert!(!d.data.path().join("vcds/install.iso").exists());
+
+    // An upload interrupted half-way leaves nothing behind.
+    let before = snapshot(&d);
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        sock,
+        "PUT /api/v1/vcds/half HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 1048576\r\n\r\n",
+        d.token
+    )
+    .unwrap();
+    sock.write_all(&vec![7u8; 400_000]).unwrap();
+    sock.flush().unwrap();
+    // Wait until the daemon has received the first half (the partial file
+    // exists), then cut the connection.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(d.data.path().join("tmp"))
+        .unwrap()
+        .count()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "upload never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sock.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(sock);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_dir(d.data.path().join("tmp"))
+        .unwrap()
+        .count()
+        != 0
+    {
+        assert!(Instant::now() < deadline, "partial upload file left behind");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(snapshot(&d), before, "interrupted upload changed something");
+}
+
+/// The minimum role for each route; the test checks that this table covers
+/// every operation in the OpenAPI document, so a new route cannot skip it.
+const ROUTES: &[(&str, &str, &str)] = &[
+    ("POST", "/auth/logout", "read_only"),
+    ("GET", "/auth/whoami", "read_only"),
+    ("GET", "/vms", "read_only"),
+    ("POST", "/vms", "administrator"),
+    ("GET", "/vms/{name}", "read_only"),
+    ("DELETE", "/vms/{name}", "administrator"),
+    ("POST", "/vms/{name}/start", "operator"),
+    ("POST", "/vms/{name}/shutdown", "operator"),
+    ("POST", "/vms/{name}/poweroff", "operator"),
+    ("POST", "/vms/{name}/dump", "operator"),
+    ("POST", "/vms/{name}/reset-device", "operator"),
+    ("POST", "/vms/{name}/boot-from-cd", "operator"),
+    ("PUT", "/vms/{name}/cd", "operator"),
+    ("DELETE", "/vms/{name}/cd", "operator"),
+    ("POST", "/vms/{name}/config", "administrator"),
+    ("GET", "/vms/{name}/console", "read_only"),
+    ("GET", "/volumes", "read_only"),
+    ("POST", "/volumes", "administrator"),
+    ("GET", "/volumes/{name}", "read_only"),
+    ("DELETE", "/volumes/{name}", "administrator"),
+    ("POST", "/volumes/{name}/attach", "administrator"),
+    ("POST", "/volumes/{name}/detach", "administrator"),
+    ("GET", "/storage-groups", "read_only"),
+    ("POST", "/storage-groups", "administrator"),
+    ("GET", "/vcds", "read_only"),
+    ("POST", "/vcds", "administrator"),
+    ("PUT", "/vcds/{name}", "administrator"),
+    ("DELETE", "/vcds/{name}", "administrator"),
+    ("GET", "/users", "administrator"),
+    ("POST", "/users", "administrator"),
+    ("DELETE", "/users/{name}", "administrator"),
+    ("GET", "/settings", "read_only"),
+    ("PATCH", "/settings", "administrator"),
+    ("GET", "/audit", "read_only"),
+    ("GET", "/pm", "read_only"),
+];
+
+fn rank(role: &str) -> u8 {
+    match role {
+        "read_only" => 0,
+        "operator" => 1,
+        "administrator" => 2,
+        other => panic!("unknown role {other}"),
+    }
+}
+
+#[test]
+fn roles_are_enforced_on_every_route_and_requests_are_audited() {
+    let d = Daemon::start();
+    d.ok(
+        "POST",
+        "/users",
+        Some(json!({"name": "op", "role": "operator", "password": "operator pw"})),
+    );
+    d.ok(
+        "POST",
+        "/users",
+        Some(json!({"name": "ro", "role": "read_only", "password": "readonly pw"})),
+    );
+    let op = d.login("op", "operator pw").unwrap();
+    let ro = d.login("ro", "readonly pw").unwrap();
+    let (s, v) = d.call_as(
+        None,
+        "POST",
+        "/auth/login",
+        Some(json!({"user": "op", "password": "wrong password"})),
+    );
+    assert_eq!((s, v["code"].as_str()), (401, Some("bad_credentials")));
+    let (s, _) = d.call_as(
+        None,
+        "POST",
+        "/auth/login",
+        Some(json!({"user": "ghost", "password": "whatever!"})),
+    );
+    assert_eq!(s, 401);
+
+    // The table covers every operation of the OpenAPI document.
+    let (_, doc) = d.call_as(None, "GET", "/openapi.json", None);
+    let mut documented = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let p = path.trim_start_matches("/api/v1").to_string();
+            if p != "/auth/login" {
+                documented.push((method.to_uppercase(), p));
+            }
+        }
+    }
+    documented.sort();
+    let mut table: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(m, p, _)| (m.to_string(), p.to_string()))
+        .collect();
+    table.sort();
+    assert_eq!(documented, table, "ROUTES must list every documented route");
+
+    for (method, path, min) in ROUTES {
+        let concrete = path.replace("{name}", "nope");
+        // Without a token: 401 everywhere.
+        let (s, v) = d.call_as(None, method, &concrete, Some(json!({})));
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (401, Some("unauthenticated")),
+            "{method} {path}"
+        );
+        let (s, _) = d.call_as(Some("bogus-token"), method, &concrete, Some(json!({})));
+        assert_eq!(s, 401, "{method} {path} with a bogus token");
+        if *path == "/auth/logout" {
+            continue; // would revoke the token used below
+        }
+        for (token, role) in [(&ro, "read_only"), (&op, "operator")] {
+            let (s, v) = d.call_as(Some(token), method, &concrete, Some(json!({})));
+            if rank(role) < rank(min) {
+                assert_eq!(
+                    (s, v["code"].as_str()),
+                    (403, Some("forbidden")),
+                    "{role} {method} {path}: {v}"
+                );
+                assert!(v["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("has role {role}")));
+            } else {
+                assert_ne!(s, 403, "{role} may {method} {path}: {v}");
+                assert_ne!(s, 401, "{role} {method} {path}: {v}");
+            }
+        }
+    }
+    // An operator cannot remove a VM, but may try to start it.
+    d.ok("POST", "/vms", Some(vm_body("web")));
+    let (s, _) = d.call_as(Some(&op), "DELETE", "/vms/web", None);
+    assert_eq!(s, 403);
+    let (s, v) = d.call_as(Some(&op), "POST", "/vms/web/shutdown", None);
+    assert_eq!(
+        (s, v["code"].as_str()),
+        (409, Some("operation_not_allowed"))
+    );
+
+    // Audit: who, what, when, result.
+    let audit = d.ok("GET", "/audit?limit=1000", None);
+    let entries = audit.as_array().unwrap();
+    let find = |user: &str, action: &str, result_prefix: &str| {
+        entries.iter().any(|e| {
+            e["user"] == user
+                && e["action"] == action
+                && e["result"].as_str().unwrap().starts_with(result_prefix)
+                && e["time"].as_u64().unwrap() > 1_700_000_000
+        })
+    };
+    assert!(find("admin", "POST /api/v1/vms", "ok"), "{audit:#}");
+    assert!(find("op", "DELETE /api/v1/vms/web", "403 forbidden"));
+    assert!(find(
+        "op",
+        "POST /api/v1/vms/web/shutdown",
+        "409 operation_not_allowed"
+    ));
+    assert!(find("op", "POST /api/v1/auth/login", "401"));
+    assert!(find("ro", "POST /api/v1/auth/login", "ok"));
+    assert!(
+        !audit.to_string().contains("operator pw"),
+        "no secrets in the audit log"
+    );
+
+    // Logout revokes the token.
+    let (s, _) = d.call_as(Some(&ro), "POST", "/auth/logout", None);
+    assert_eq!(s, 204);
+    let (s, _) = d.call_as(Some(&ro), "GET", "/vms", None);
+    assert_eq!(s, 401);
+    assert!(!d.log().contains("operator pw") && !d.log().contains(common::ADMIN_PASSWORD));
+}
+
+#[test]
+fn openapi_document_is_served_and_matches_the_checked_in_copy() {
+    let d = Daemon::start();
+    let (s, served) = d.call_as(None, "GET", "/openapi.json", None);
+    assert_eq!(s, 200);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+    let pretty = serde_json::to_string_pretty(&served).unwrap() + "\n";
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &pretty).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path)
+        .expect("docs/openapi.json is missing; run with UPDATE_OPENAPI=1 to create it");
+    let checked: Value = serde_json::from_str(&checked_in).unwrap();
+    assert_eq!(
+        served, checked,
+        "the API changed: review and re-run with UPDATE_OPENAPI=1"
+    );
+}
