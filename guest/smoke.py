@@ -316,6 +316,31 @@ def qga_checks(vm):
         check(j.get("error", {}).get("class") == "CommandNotFound", f"QGA unknown command -> {r!r}")
         q.close()
         time.sleep(0.5)
+    # Host disconnects before reading the reply: the stale reply is delivered
+    # on the next connection; guest-sync-delimited resynchronises.
+    q = QGA(path)
+    q.s.sendall(b'{"execute":"guest-ping"}\n')
+    time.sleep(0.5)
+    q.close()
+    q = QGA(path)
+    q.s.sendall(b"\xff" + json.dumps({"execute": "guest-sync-delimited", "arguments": {"id": 777}}).encode() + b"\n")
+    seen = []
+    while True:
+        while b"\n" not in q.buf:
+            data = q.s.recv(4096)
+            if not data:
+                raise Fail("QGA connection closed")
+            q.buf += data
+        line, q.buf = q.buf.split(b"\n", 1)
+        seen.append(line)
+        if b"\xff" in line:
+            line = line[line.index(b"\xff") + 1:]
+            if json.loads(line) == {"return": 777}:
+                break
+    check(True, f"QGA resync after abandoned request, lines seen: {seen}")
+    r = q.request({"execute": "guest-ping"})
+    check(json.loads(r) == {"return": {}}, f"QGA guest-ping after resync -> {r!r}")
+    q.close()
 
 
 def test_main(kernel, initrd, workdir):

@@ -9,6 +9,8 @@
 //!
 //! QEMU 7.2 (Debian bookworm) is the version this is written against.
 
+#![warn(missing_docs)]
+
 mod process;
 pub mod qga;
 pub mod qmp;

@@ -55,7 +55,20 @@ pub(crate) fn is_qemu_of(pid: i32, pid_file: &Path) -> bool {
         return false;
     };
     let want = pid_file.to_string_lossy();
-    args.windows(2).any(|w| w[0] == "-pidfile" && w[1] == want)
+    let Some(theirs) = args
+        .windows(2)
+        .find(|w| w[0] == "-pidfile")
+        .map(|w| w[1].as_str())
+    else {
+        return false;
+    };
+    if theirs == want {
+        return true;
+    }
+    // The same directory spelled differently (`/run/pv/./a`, symlinks).
+    let same_name = Path::new(theirs).file_name() == pid_file.file_name();
+    let dir = |p: &Path| p.parent().and_then(|d| std::fs::canonicalize(d).ok());
+    same_name && dir(Path::new(theirs)).is_some_and(|d| Some(d) == dir(pid_file))
 }
 
 /// Sends `signal` to `pid`. A process that is already gone is not an error.

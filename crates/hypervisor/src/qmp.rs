@@ -158,7 +158,7 @@ pub struct QmpGreeting {
 pub enum RunState {
     /// Guest code runs.
     Running,
-    /// Stopped by `stop` (or by `-S` after `cont` was never sent... see `Prelaunch`).
+    /// Stopped by `stop` (a VM started with `-S` is `Prelaunch` until its first `cont`).
     Paused,
     /// Started with `-S`, never run yet.
     Prelaunch,

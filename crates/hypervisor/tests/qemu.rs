@@ -218,7 +218,9 @@ async fn attach_after_daemon_restart() {
         vm.cont().await.unwrap();
         assert_eq!(vm.status().await.unwrap(), RunState::Running);
         drop(vm);
-        let vm = QemuVm::attach(&run).await.unwrap();
+        // The same run directory spelled differently is still recognised.
+        let vm = QemuVm::attach(&dir.path().join("./vm/")).await.unwrap();
+        assert_eq!(vm.pid(), pid);
         assert_eq!(vm.status().await.unwrap(), RunState::Running);
         vm.quit().await.unwrap();
         vm.wait_exit(10 * SEC).await.unwrap();
@@ -399,6 +401,9 @@ async fn full_command_line_is_accepted() {
         for socket in ["qmp.sock", "console.sock", "qga.sock", "vnc.sock"] {
             assert!(run.join(socket).exists(), "{socket} missing");
         }
+        // QEMU's warnings land in qemu.log.
+        let log = std::fs::read_to_string(run.join("qemu.log")).unwrap();
+        assert!(log.contains("nic1 has no peer"), "qemu.log: {log}");
         let blocks = vm.qmp().query_block().await.unwrap();
         let file_of = |qdev: &str| {
             blocks

@@ -1,0 +1,239 @@
+//! VM life cycle end to end: the real daemon runs the project's test guest
+//! under real QEMU (TCG). Needs `guest/build.sh` to have run.
+
+mod common;
+
+use common::{pid_alive, Daemon};
+use serde_json::json;
+use std::time::Duration;
+
+const BOOT: Duration = Duration::from_secs(90);
+
+#[test]
+fn start_acpi_shutdown_and_power_off() {
+    let d = Daemon::start();
+    d.ok("POST", "/vms", Some(d.guest_vm("web")));
+    let r = d.ok("POST", "/vms/web/start", None);
+    assert_eq!(r["vm"]["state"], "booting");
+    let vm = d.wait_state("web", "running", BOOT);
+    assert_eq!(
+        vm["health"]["instance_ok"], true,
+        "running means the guest agent answered"
+    );
+    assert_eq!(vm["health"]["system_ok"], true);
+    let pid = vm["pid"].as_i64().unwrap();
+    assert!(pid_alive(pid));
+    d.wait_console("web", "pv-guest: ready", BOOT);
+    // The console log is served, tail-limited.
+    let (s, tail) = d.call("GET", "/vms/web/console?tail_bytes=20", None);
+    assert_eq!(s, 200);
+    assert!(tail.as_str().unwrap().len() <= 20);
+
+    // Running: start is refused with the V4 message.
+    let (s, v) = d.call("POST", "/vms/web/start", None);
+    assert_eq!(s, 409);
+    assert!(v["message"]
+        .as_str()
+        .unwrap()
+        .contains("it is running; allowed while running: console, shutdown"));
+
+    // ACPI shutdown: the guest powers itself off.
+    let v = d.ok("POST", "/vms/web/shutdown", None);
+    assert_eq!(v["state"], "stopping");
+    let vm = d.wait_state("web", "stopped", Duration::from_secs(60));
+    assert!(vm["pid"].is_null());
+    assert!(!pid_alive(pid), "QEMU exited");
+    assert!(
+        d.console("web").contains("pv-guest: ready"),
+        "log kept after stop"
+    );
+
+    // Start again and power off (immediate).
+    d.ok("POST", "/vms/web/start", None);
+    let vm = d.wait_state("web", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+    let v = d.ok("POST", "/vms/web/poweroff", None);
+    assert_eq!(v["state"], "stopped");
+    assert!(!pid_alive(pid));
+    assert_eq!(d.vm("web")["recent_crashes"], 0, "power off is not a crash");
+
+    // Remove: the boot volume goes with it.
+    let (s, _) = d.call("DELETE", "/vms/web", None);
+    assert_eq!(s, 204);
+    assert_eq!(d.ok("GET", "/volumes", None), json!([]));
+}
+
+#[test]
+fn crash_restarts_then_critical_then_reset_device() {
+    let d = Daemon::start();
+    let mut spec = d.guest_vm("db");
+    // Tolerate one crash per hour: the second is one too many.
+    spec["mtbf_threshold"] = json!({"max_failures": 1, "window_secs": 3600});
+    d.ok("POST", "/vms", Some(spec));
+    d.ok("POST", "/vms/db/start", None);
+    let vm = d.wait_state("db", "running", BOOT);
+    let pid1 = vm["pid"].as_i64().unwrap();
+    d.wait_console("db", "pv-guest: ready", BOOT);
+
+    // Crash 1: guest kernel panic (pvpanic) → restarted automatically.
+    d.type_console("db", "pv panic");
+    let deadline = std::time::Instant::now() + BOOT;
+    let vm = loop {
+        let vm = d.vm("db");
+        if vm["recent_crashes"] == 1 && vm["state"] == "running" {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic restart: {vm:#}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(vm["last_crash"], "guest kernel panicked");
+    let pid2 = vm["pid"].as_i64().unwrap();
+    assert_ne!(pid1, pid2, "a new QEMU process");
+    assert!(!pid_alive(pid1));
+
+    // Crash 2: the QEMU process dies → over the threshold → critical.
+    // SAFETY: kill(2) on the QEMU pid the daemon reported.
+    unsafe {
+        libc::kill(pid2 as i32, libc::SIGKILL);
+    }
+    let vm = d.wait_state("db", "critical", Duration::from_secs(30));
+    assert_eq!(vm["last_crash"], "QEMU process exited unexpectedly");
+    assert_eq!(vm["allowed_operations"], json!(["reset device"]));
+    assert_eq!(vm["activity"], "crashed");
+    // Stays down.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.vm("db")["state"], "critical");
+    let (s, v) = d.call("POST", "/vms/db/start", None);
+    assert_eq!(s, 409, "{v}");
+
+    // Reset device: restarted, counter cleared.
+    let v = d.ok("POST", "/vms/db/reset-device", None);
+    assert_eq!(v["state"], "booting");
+    let vm = d.wait_state("db", "running", BOOT);
+    assert_eq!(vm["recent_crashes"], 0);
+    d.ok("POST", "/vms/db/poweroff", None);
+}
+
+#[test]
+fn dump_writes_a_file_then_restarts() {
+    let d = Daemon::start();
+    d.ok("POST", "/vms", Some(d.guest_vm("hung")));
+    d.ok("POST", "/vms/hung/start", None);
+    let vm = d.wait_state("hung", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+    let v = d.ok("POST", "/vms/hung/dump", None);
+    assert_eq!(v["state"], "dumping");
+    let (s, _) = d.call("POST", "/vms/hung/shutdown", None);
+    assert_eq!(s, 409, "only power off is allowed while dumping");
+    let vm = d.wait_state("hung", "running", BOOT);
+    let dump = vm["last_dump"].as_str().expect("dump recorded").to_string();
+    let size = std::fs::metadata(&dump).unwrap().len();
+    assert!(size > 1 << 20, "dump file {dump} has {size} bytes");
+    let head = std::fs::read(&dump).unwrap()[..4].to_vec();
+    assert_eq!(head, b"\x7fELF", "ELF core");
+    assert_ne!(vm["pid"].as_i64().unwrap(), pid, "restarted after the dump");
+    assert_eq!(vm["recent_crashes"], 0, "a dump is not a crash");
+    d.ok("POST", "/vms/hung/poweroff", None);
+}
+
+#[test]
+fn vm_survives_daemon_sigkill_and_stays_manageable() {
+    let mut d = Daemon::start();
+    d.ok("POST", "/vms", Some(d.guest_vm("app")));
+    d.ok("POST", "/vms/app/start", None);
+    let vm = d.wait_state("app", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+
+    d.kill9();
+    assert!(pid_alive(pid), "QEMU must outlive the daemon");
+    d.restart();
+    let vm = d.vm("app");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(
+        vm["pid"].as_i64().unwrap(),
+        pid,
+        "re-attached to the same QEMU"
+    );
+    assert_eq!(vm["recent_crashes"], 0);
+    // The re-attached monitor still sees the guest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while d.vm("app")["health"]["instance_ok"] != true {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "instance check never answered after re-attach"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // And manageable: ACPI shutdown through the new daemon.
+    d.ok("POST", "/vms/app/shutdown", None);
+    d.wait_state("app", "stopped", Duration::from_secs(60));
+    assert!(!pid_alive(pid));
+
+    // A VM whose QEMU died while the daemon was down counts as crashed and is
+    // restarted at the next start.
+    d.ok("POST", "/vms/app/start", None);
+    let vm = d.wait_state("app", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+    d.kill9();
+    // SAFETY: kill(2) on the QEMU pid the daemon reported.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    while pid_alive(pid) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    d.restart();
+    let vm = d.wait_state("app", "running", BOOT);
+    assert_eq!(vm["recent_crashes"], 1);
+    assert_eq!(
+        vm["last_crash"],
+        "QEMU process ended while the daemon was down"
+    );
+    d.ok("POST", "/vms/app/poweroff", None);
+}
+
+#[test]
+fn memory_admission_names_holders_and_cd_insert_while_running() {
+    let d = Daemon::start();
+    let pm = d.ok("GET", "/pm", None);
+    let total = pm["memory_mib"].as_u64().unwrap();
+    // Leave exactly 400 MiB for VMs: one 256 MiB VM fits, a second does not.
+    d.ok(
+        "PATCH",
+        "/settings",
+        Some(json!({"memory_reserve_mib": total - 400})),
+    );
+    d.ok("POST", "/vms", Some(d.guest_vm("a")));
+    d.ok("POST", "/vms", Some(d.guest_vm("b")));
+    d.ok("POST", "/vms/a/start", None);
+    let (s, v) = d.call("POST", "/vms/b/start", None);
+    assert_eq!(s, 422, "{v}");
+    assert_eq!(
+        v["message"],
+        "not enough memory: the VM needs 256 MiB, 144 MiB is free, 112 MiB is missing; memory is \
+         held by a (256 MiB) — stop one of them or lower this VM's memory"
+    );
+    assert_eq!(v["details"]["missing_mib"], 112);
+    assert_eq!(d.vm("b")["state"], "stopped", "nothing changed");
+
+    // Insert and eject a CD while the VM runs.
+    d.wait_state("a", "running", BOOT);
+    let iso = d.data.path().join("tools.iso");
+    std::fs::write(&iso, vec![0u8; 2048 * 16]).unwrap();
+    d.ok("POST", "/vcds", Some(json!({"name": "tools", "path": iso})));
+    let v = d.ok("PUT", "/vms/a/cd", Some(json!({"vcd": "tools"})));
+    assert_eq!(v["cdrom"], "tools");
+    let (s, _) = d.call("DELETE", "/vcds/tools", None);
+    assert_eq!(s, 409, "inserted VCD cannot be removed");
+    let v = d.ok("DELETE", "/vms/a/cd", None);
+    assert!(v["cdrom"].is_null());
+    d.ok("POST", "/vms/a/poweroff", None);
+    // Now b fits.
+    d.ok("POST", "/vms/b/start", None);
+    d.wait_state("b", "running", BOOT);
+    d.ok("POST", "/vms/b/poweroff", None);
+}
