@@ -183,14 +183,17 @@ class VM:
 
     # ---- QMP
     def _read_qmp(self):
-        for raw in self.qmp_file:
-            msg = json.loads(raw)
-            with self.cond:
-                if "event" in msg:
-                    self.events.append(msg)
-                else:
-                    self.qmp_replies.append(msg)
-                self.cond.notify_all()
+        try:
+            for raw in self.qmp_file:
+                msg = json.loads(raw)
+                with self.cond:
+                    if "event" in msg:
+                        self.events.append(msg)
+                    else:
+                        self.qmp_replies.append(msg)
+                    self.cond.notify_all()
+        except (OSError, ValueError):
+            pass  # QEMU exited
 
     def wait_qmp_reply(self, timeout=10.0):
         deadline = time.monotonic() + timeout

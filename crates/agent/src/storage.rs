@@ -37,7 +37,7 @@ fn fs_available(path: &Path) -> Option<u64> {
     }
     // SAFETY: statvfs returned 0, so the struct is initialised.
     let st = unsafe { st.assume_init() };
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 impl Agent {
@@ -117,7 +117,7 @@ impl Agent {
                 req.path
             )));
         }
-        if req.capacity_bytes == 0 || req.capacity_bytes % admission::MIB != 0 {
+        if req.capacity_bytes == 0 || !req.capacity_bytes.is_multiple_of(admission::MIB) {
             return Err(AgentError::Invalid(format!(
                 "capacity {} bytes is not allowed; give a positive multiple of 1 MiB",
                 req.capacity_bytes

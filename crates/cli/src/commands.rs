@@ -43,7 +43,7 @@ pub enum Command {
     Logout,
     /// Virtual machines.
     #[command(subcommand)]
-    Vm(VmCmd),
+    Vm(Box<VmCmd>),
     /// Volumes.
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -657,7 +657,7 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
             let _ = c.call(M::POST, "/auth/logout", None).await;
             client::save(&Saved { url: Some(url), token: None })?;
         }
-        Command::Vm(cmd) => match cmd {
+        Command::Vm(cmd) => match *cmd {
             VmCmd::List => out("vms", c.call(M::GET, "/vms", None).await?),
             VmCmd::Show { name } => out("", c.call(M::GET, &format!("/vms/{name}"), None).await?),
             VmCmd::Create(a) => {

@@ -328,7 +328,7 @@ pub fn check_volume_count(existing: usize, adding: usize) -> Result<(), Admissio
 
 /// Checks that a new volume of `size` bytes can be placed in `group`.
 pub fn check_volume_size(group: &str, size: u64, free: u64) -> Result<(), AdmissionError> {
-    if size == 0 || size % MIB != 0 {
+    if size == 0 || !size.is_multiple_of(MIB) {
         return Err(AdmissionError::VolumeSize { size });
     }
     if size > free {

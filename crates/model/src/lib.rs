@@ -7,4 +7,5 @@ pub mod mac;
 pub mod mtbf;
 pub mod names;
 pub mod roles;
+pub mod sync_advice;
 pub mod vm;

@@ -343,6 +343,104 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         "no '..'",
     );
 
+    // Config is all-or-nothing: a valid change next to an invalid one
+    // changes nothing (no new volume file either).
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(
+            json!({"vcpus": 2, "add_volumes": [{"name": "extra", "size_bytes": 1 << 20}], "detach_volumes": ["web-boot"]}),
+        ),
+        409,
+        "conflict",
+        "boot volume",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"memory_mib": 512, "macs": [{"nic": 0, "mac": "52:54:00:00:00:01"}]})),
+        400,
+        "invalid_input",
+        "NIC index 0 does not exist; VM 'web' has 0 NIC(s)",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"add_nics": [{"network": "user", "mac": "01:00:5e:00:00:01"}]})),
+        400,
+        "invalid_input",
+        "multicast",
+    );
+    refused(
+        &d,
+        "POST",
+        "/vms/web/config",
+        Some(json!({"add_nics": [{"network": "lab"}]})),
+        400,
+        "invalid_input",
+        "network 'lab' does not exist",
+    );
+    // A valid config applies every part.
+    let v = d.ok(
+        "POST",
+        "/vms/web/config",
+        Some(json!({
+            "vcpus": 2, "memory_mib": 512, "guest_type": "linux-32",
+            "add_volumes": [{"name": "scratch", "size_bytes": 4 << 20}],
+            "add_nics": [{"network": "user"}],
+        })),
+    );
+    assert_eq!(
+        (v["vcpus"].as_u64(), v["memory_mib"].as_u64()),
+        (Some(2), Some(512))
+    );
+    assert_eq!(v["data_volumes"], json!(["data1", "scratch"]));
+    assert!(v["nics"][0]["mac"]
+        .as_str()
+        .unwrap()
+        .starts_with("52:54:00:"));
+    let v = d.ok(
+        "POST",
+        "/vms/web/config",
+        Some(json!({
+            "macs": [{"nic": 0, "mac": "52:54:00:12:34:56"}], "delete_volumes": ["scratch"],
+        })),
+    );
+    assert_eq!(v["nics"][0]["mac"], "52:54:00:12:34:56");
+    assert_eq!(v["data_volumes"], json!(["data1"]));
+    assert!(d.call("GET", "/volumes/scratch", None).0 == 404);
+    // S6: unattached volumes show "none"; S5: a small group warns.
+    d.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "spare", "size_bytes": 1 << 20})),
+    );
+    let spare = d.ok("GET", "/volumes/spare", None);
+    assert_eq!(
+        (spare["vm"].as_str(), spare["boot"].as_bool()),
+        (Some("none"), Some(false))
+    );
+    let groups = d.ok("GET", "/storage-groups", None);
+    let small = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "small")
+        .unwrap();
+    assert!(
+        small["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("less than 5 GiB"),
+        "{small}"
+    );
+    assert!(d.ok("GET", "/pm", None)["warnings"]
+        .to_string()
+        .contains("'small'"));
+
     // Operations in the wrong state (V4).
     refused(
         &d,

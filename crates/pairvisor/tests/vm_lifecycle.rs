@@ -15,6 +15,18 @@ fn start_acpi_shutdown_and_power_off() {
     d.ok("POST", "/vms", Some(d.guest_vm("web")));
     let r = d.ok("POST", "/vms/web/start", None);
     assert_eq!(r["vm"]["state"], "booting");
+    // V2: vCPUs may be over-provisioned, with a warning. The PM offers its
+    // threads minus the 2 reserved ones.
+    let pm = d.ok("GET", "/pm", None);
+    if pm["vcpu_capacity"].as_u64().unwrap() < 1 {
+        assert!(
+            r["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("over-provisioned"),
+            "{r}"
+        );
+    }
     let vm = d.wait_state("web", "running", BOOT);
     assert_eq!(
         vm["health"]["instance_ok"], true,
@@ -236,4 +248,45 @@ fn memory_admission_names_holders_and_cd_insert_while_running() {
     d.ok("POST", "/vms/b/start", None);
     d.wait_state("b", "running", BOOT);
     d.ok("POST", "/vms/b/poweroff", None);
+}
+
+#[test]
+fn boot_once_from_a_vcd() {
+    let d = Daemon::start();
+    let iso = common::guest_dir().join("guest.iso");
+    assert!(
+        iso.is_file(),
+        "{} missing: run guest/build-iso.sh",
+        iso.display()
+    );
+    d.ok(
+        "POST",
+        "/vcds",
+        Some(json!({"name": "installer", "path": iso})),
+    );
+    // No kernel, an empty boot volume: only the CD can boot it.
+    d.ok(
+        "POST",
+        "/vms",
+        Some(json!({"name": "inst", "vcpus": 1, "memory_mib": 256, "boot_volume": {"size_bytes": 64 << 20}})),
+    );
+    let r = d.ok(
+        "POST",
+        "/vms/inst/boot-from-cd",
+        Some(json!({"vcd": "installer"})),
+    );
+    assert_eq!(r["vm"]["cdrom"], "installer");
+    let vm = d.wait_state("inst", "running", BOOT);
+    d.wait_console("inst", "pv-guest: ready", BOOT);
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm["pid"])).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(cmdline.contains("once=d"), "{cmdline}");
+    d.ok("POST", "/vms/inst/poweroff", None);
+
+    // A normal start boots from the (empty) boot volume: once means once.
+    d.ok("POST", "/vms/inst/start", None);
+    let vm = d.vm("inst");
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm["pid"])).unwrap();
+    assert!(!String::from_utf8_lossy(&cmdline).contains("once=d"));
+    d.ok("POST", "/vms/inst/poweroff", None);
 }
