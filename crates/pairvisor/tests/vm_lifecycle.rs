@@ -36,6 +36,32 @@ fn start_acpi_shutdown_and_power_off() {
     let pid = vm["pid"].as_i64().unwrap();
     assert!(pid_alive(pid));
     d.wait_console("web", "pv-guest: ready", BOOT);
+    // Follow mode streams new output as the guest prints it (heartbeats).
+    {
+        use std::io::Read;
+        let resp = reqwest::blocking::Client::new()
+            .get(format!(
+                "{}/api/v1/vms/web/console?tail_bytes=1&follow=true",
+                d.url
+            ))
+            .bearer_auth(&d.token)
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut resp = resp;
+        let mut seen = String::new();
+        let mut buf = [0u8; 4096];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !seen.contains("pv-guest: heartbeat") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "follow showed no heartbeat: {seen:?}"
+            );
+            let n = resp.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    }
     // The console log is served, tail-limited.
     let (s, tail) = d.call("GET", "/vms/web/console?tail_bytes=20", None);
     assert_eq!(s, 200);
@@ -159,10 +185,54 @@ fn vm_survives_daemon_sigkill_and_stays_manageable() {
     d.ok("POST", "/vms/app/start", None);
     let vm = d.wait_state("app", "running", BOOT);
     let pid = vm["pid"].as_i64().unwrap();
+    // Records of every kind, to check that a SIGKILL loses none of them.
+    d.ok(
+        "POST",
+        "/users",
+        Some(json!({"name": "op", "role": "operator", "password": "operator pw"})),
+    );
+    let iso = d.data.path().join("x.iso");
+    std::fs::write(&iso, b"iso").unwrap();
+    d.ok("POST", "/vcds", Some(json!({"name": "x", "path": iso})));
+    d.ok(
+        "POST",
+        "/volumes",
+        Some(json!({"name": "spare", "size_bytes": 1 << 20})),
+    );
+    d.ok(
+        "PATCH",
+        "/settings",
+        Some(json!({"timezone": "Europe/Paris"})),
+    );
+    let before: Vec<_> = [
+        "/users",
+        "/vcds",
+        "/volumes",
+        "/settings",
+        "/storage-groups",
+    ]
+    .iter()
+    .map(|p| d.ok("GET", p, None))
+    .collect();
 
     d.kill9();
     assert!(pid_alive(pid), "QEMU must outlive the daemon");
     d.restart();
+    let after: Vec<_> = [
+        "/users",
+        "/vcds",
+        "/volumes",
+        "/settings",
+        "/storage-groups",
+    ]
+    .iter()
+    .map(|p| d.ok("GET", p, None))
+    .collect();
+    assert_eq!(before, after, "nothing lost across a daemon SIGKILL");
+    assert!(
+        d.login("op", "operator pw").is_ok(),
+        "the old token and users still work"
+    );
     let vm = d.vm("app");
     assert_eq!(vm["state"], "running");
     assert_eq!(
