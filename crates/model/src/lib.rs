@@ -3,9 +3,14 @@
 //! every rule is tested by tables taken straight from the specification.
 
 pub mod admission;
+pub mod fencing;
 pub mod mac;
+pub mod migration;
 pub mod mtbf;
 pub mod names;
+pub mod placement;
+pub mod pm;
+pub mod power;
 pub mod roles;
 pub mod sync_advice;
 pub mod vm;
