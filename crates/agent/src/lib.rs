@@ -302,6 +302,23 @@ impl Agent {
         for g in self.list_storage_groups()? {
             warnings.extend(g.warnings);
         }
+        for vm in self.list_vms()? {
+            let missing: Vec<String> = vm
+                .health
+                .paravirtual
+                .iter()
+                .filter(|d| !d.driver_ok)
+                .map(|d| format!("{} ({})", d.kind, d.device))
+                .collect();
+            if vm.state == "running" && !missing.is_empty() {
+                warnings.push(format!(
+                    "VM '{}' runs without paravirtual drivers for {}: disk and network are \
+                     slow and live migration may not be clean; install the virtio drivers in the guest",
+                    vm.name,
+                    missing.join(", ")
+                ));
+            }
+        }
         let qemu_version =
             pairvisor_hypervisor::qemu_version(std::path::Path::new(&settings.qemu_binary))
                 .await
@@ -939,7 +956,25 @@ impl Agent {
             ),
             pairvisor_store::InstanceCheck::None => None,
         };
+        // V8: which virtio devices the guest drives. Only meaningful once the
+        // guest has had time to load its drivers.
+        let paravirtual = if rec.state == VmState::Running {
+            run.qemu.query_virtio_drivers().await.ok().map(|devs| {
+                devs.into_iter()
+                    .map(|d| ParavirtualDevice {
+                        device: d.device_id.unwrap_or(d.path),
+                        kind: d.name,
+                        driver_ok: d.driver_ok,
+                    })
+                    .collect::<Vec<_>>()
+            })
+        } else {
+            None
+        };
         if let Ok(mut h) = run.health.lock() {
+            if let Some(p) = paravirtual {
+                h.paravirtual = p;
+            }
             h.system_ok = status.is_ok();
             h.run_state = status
                 .as_ref()

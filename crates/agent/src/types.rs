@@ -157,6 +157,20 @@ pub struct GuestHealth {
     pub last_answer: Option<u64>,
     /// QEMU's run state (running, paused, guest-panicked, ...).
     pub run_state: Option<String>,
+    /// Per virtio device, whether the guest's paravirtual driver is active
+    /// (SPEC V8). Empty until the first check after boot.
+    pub paravirtual: Vec<ParavirtualDevice>,
+}
+
+/// One virtio device and whether the guest drives it (SPEC V8).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ParavirtualDevice {
+    /// QEMU device id or path.
+    pub device: String,
+    /// Device type (virtio-blk, virtio-net, virtio-serial, ...).
+    pub kind: String,
+    /// The guest driver set DRIVER_OK.
+    pub driver_ok: bool,
 }
 
 /// A VM as the API shows it.

@@ -360,3 +360,70 @@ fn boot_once_from_a_vcd() {
     assert!(!String::from_utf8_lossy(&cmdline).contains("once=d"));
     d.ok("POST", "/vms/inst/poweroff", None);
 }
+
+/// SPEC V8: the unit sees which virtio devices the guest drives, and warns
+/// about VMs running without paravirtual drivers.
+#[test]
+fn paravirtual_drivers_are_detected() {
+    let d = Daemon::start();
+    d.ok("PATCH", "/settings", Some(json!({"boot_grace_secs": 1})));
+    let mut spec = d.guest_vm("pv");
+    spec["nics"] = json!([{"network": "user"}]);
+    d.ok("POST", "/vms", Some(spec));
+    // A VM whose "guest" never loads a driver: an empty disk, nothing boots.
+    d.ok(
+        "POST",
+        "/vms",
+        Some(
+            json!({"name": "bare", "vcpus": 1, "memory_mib": 256, "instance_check": "none",
+                    "boot_volume": {"size_bytes": 1 << 20}}),
+        ),
+    );
+    d.ok("POST", "/vms/pv/start", None);
+    d.ok("POST", "/vms/bare/start", None);
+    let deadline = std::time::Instant::now() + BOOT;
+    let (pv, bare) = loop {
+        let pv = d.vm("pv");
+        let bare = d.vm("bare");
+        let ready =
+            |v: &serde_json::Value| !v["health"]["paravirtual"].as_array().unwrap().is_empty();
+        if ready(&pv) && ready(&bare) {
+            break (pv, bare);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no driver report: {pv:#} {bare:#}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let kinds = |v: &serde_json::Value, ok: bool| -> Vec<String> {
+        v["health"]["paravirtual"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["driver_ok"] == ok)
+            .map(|d| d["kind"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        kinds(&pv, false).is_empty(),
+        "the test guest drives every virtio device: {pv:#}"
+    );
+    for k in ["virtio-blk", "virtio-net", "virtio-serial"] {
+        assert!(kinds(&pv, true).iter().any(|x| x == k), "{k} in {pv:#}");
+    }
+    // Nothing but firmware runs there: SeaBIOS drives the virtio disk while
+    // probing boot devices, but no driver ever takes the virtio-serial port.
+    assert!(
+        kinds(&bare, false).contains(&"virtio-serial".to_string()),
+        "{bare:#}"
+    );
+    let warnings = d.ok("GET", "/pm", None)["warnings"].to_string();
+    assert!(
+        warnings.contains("VM 'bare' runs without paravirtual drivers"),
+        "{warnings}"
+    );
+    assert!(!warnings.contains("VM 'pv'"), "{warnings}");
+    d.ok("POST", "/vms/pv/poweroff", None);
+    d.ok("POST", "/vms/bare/poweroff", None);
+}
