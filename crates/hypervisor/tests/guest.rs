@@ -59,9 +59,10 @@ async fn ping_until_ok(vm: &QemuVm, timeout: Duration) {
     }
 }
 
-/// Types `line` on the serial console. Keep the returned connection open
-/// until the guest has reacted (closing it early may drop unread bytes).
-async fn type_on_console(vm: &QemuVm, line: &str) -> tokio::net::UnixStream {
+/// Types `line` on the serial console. The connection stays open, drained
+/// by a task, until the returned handle is aborted: a console client that
+/// does not read stalls the guest's serial output (see guest/README.md).
+async fn type_on_console(vm: &QemuVm, line: &str) -> tokio::task::JoinHandle<()> {
     let mut console = tokio::net::UnixStream::connect(vm.run_dir().join("console.sock"))
         .await
         .expect("connect to console.sock");
@@ -69,8 +70,10 @@ async fn type_on_console(vm: &QemuVm, line: &str) -> tokio::net::UnixStream {
         .write_all(format!("{line}\n").as_bytes())
         .await
         .unwrap();
-    console.flush().await.unwrap();
-    console
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut console, &mut sink).await;
+    })
 }
 
 async fn dump_and_check(vm: &QemuVm, path: &Path) {
@@ -127,7 +130,8 @@ async fn boot_ping_virtio_dump_and_panic() {
         })
         .await;
         assert_eq!(action, "pause");
-        drop(console);
+        console.abort();
+        wait_for_text(&run.join("console.log"), "pv-guest: panicking", 10 * SEC).await;
         assert_eq!(vm.status().await.unwrap(), RunState::GuestPanicked);
 
         // The panicked guest stays for a dump.
@@ -169,6 +173,12 @@ async fn attach_to_running_guest_then_acpi_powerdown() {
         })
         .await;
         assert_eq!(reason, "guest-shutdown");
+        wait_for_text(
+            &run.join("console.log"),
+            "pv-guest: acpi power button",
+            10 * SEC,
+        )
+        .await;
         wait_event(&mut events, 30 * SEC, "Disconnected", |e| {
             (*e == QmpEvent::Disconnected).then_some(())
         })
