@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod migration;
 mod process;
 pub mod qga;
 pub mod qmp;
@@ -21,6 +22,9 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+pub use migration::{
+    DirtyRate, MigrationCaps, MigrationParams, MigrationProgress, MigrationStatus,
+};
 pub use qga::QgaError;
 pub use qmp::{DumpProgress, DumpStatus, QmpClient, QmpError, QmpEvent, RunState};
 pub use spec::{Accel, Disk, DiskSource, KernelBoot, Nic, NicBackend, SpecError, VmSpec};

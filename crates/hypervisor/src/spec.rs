@@ -192,6 +192,11 @@ pub struct VmSpec {
     /// Start with the vCPUs stopped (`-S`); `cont` starts them.
     #[serde(default)]
     pub start_paused: bool,
+    /// Wait for an incoming migration (`-incoming defer`); the listening
+    /// address is given later with `migrate-incoming`, after migration
+    /// capabilities have been set.
+    #[serde(default)]
+    pub incoming_defer: bool,
 }
 
 fn default_machine() -> String {
@@ -223,6 +228,7 @@ impl VmSpec {
             guest_agent: false,
             vnc: false,
             start_paused: false,
+            incoming_defer: false,
         }
     }
 
@@ -524,6 +530,9 @@ pub fn command_line(spec: &VmSpec, run_dir: &Path) -> Result<Vec<String>, SpecEr
     push(&["-msg", "timestamp=on"]);
     if spec.start_paused {
         push(&["-S"]);
+    }
+    if spec.incoming_defer {
+        push(&["-incoming", "defer"]);
     }
 
     // Serial console: a socket for interactive use, everything logged.

@@ -97,6 +97,23 @@ pub fn convergence(f: MigrationFigures) -> Verdict {
     }
 }
 
+/// The dirty rate to judge a running migration by, in bytes per second.
+///
+/// QEMU's live `dirty-pages-rate` counts *distinct* pages dirtied per pass
+/// over memory, so a guest that keeps rewriting a working set W is reported
+/// at about W ÷ pass time — at most the bandwidth when passes are long. It
+/// therefore hides exactly the guests that cannot converge. The pre-flight
+/// measurement (`calc-dirty-rate` over a short window, M4) has no such bias,
+/// so the larger of the two is used.
+pub fn effective_dirty_rate_bps(
+    live_pages_per_sec: f64,
+    page_size: u64,
+    preflight_bps: Option<f64>,
+) -> f64 {
+    let live = live_pages_per_sec * page_size as f64;
+    live.max(preflight_bps.unwrap_or(0.0))
+}
+
 /// The smallest downtime (ms) that would let the migration finish now, if
 /// raising the maximum downtime is acceptable (M3 remedy).
 pub fn downtime_needed_ms(f: MigrationFigures) -> f64 {
@@ -209,6 +226,26 @@ mod tests {
         assert!(expected_downtime_ms <= 300.0);
         assert_eq!(convergence(fig(1.0, 0.0, 0.0)), Verdict::Unknown);
         assert!((downtime_needed_ms(fig(50.0, 100.0, 0.0)) - 500.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn effective_rate_takes_the_unbiased_preflight_when_larger() {
+        // Live: 491 pages/s × 4 KiB ≈ 2 MB/s (saturated); pre-flight 9 MB/s.
+        let r = effective_dirty_rate_bps(491.0, 4096, Some(9e6));
+        assert_eq!(r, 9e6);
+        assert_eq!(
+            effective_dirty_rate_bps(5000.0, 4096, Some(1e6)),
+            5000.0 * 4096.0
+        );
+        assert_eq!(effective_dirty_rate_bps(10.0, 4096, None), 40960.0);
+        let f = MigrationFigures {
+            remaining_bytes: 71_602_176,
+            bandwidth_bps: 4_022_100.0,
+            dirty_pages_per_sec: r / 4096.0,
+            page_size: 4096,
+            max_downtime_ms: 300,
+        };
+        assert!(matches!(convergence(f), Verdict::NotConverging { .. }));
     }
 
     #[test]
