@@ -1,0 +1,6 @@
+//! The unit layer: what turns two PMs (and an optional witness) into one
+//! unit. Today: PM-to-PM health over two links with RTT measurement.
+//! Leases, fencing, failover and maintenance workflows build on it and on
+//! the replicated unit database (`pairvisor-unitdb`).
+
+pub mod health;
