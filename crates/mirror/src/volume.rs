@@ -1,0 +1,1691 @@
+//! The mirror engine for one volume: a local [`Replica`], its role
+//! (primary or secondary), the replication link to the partner, degraded
+//! mode, resync, split-brain detection, verify and statistics.
+//!
+//! ## Write path on the primary
+//!
+//! 1. Wait for the byte range (overlapping writes are serialised) and share
+//!    its regions (resync/verify may hold a region exclusively).
+//! 2. Mark the regions in the persistent dirty bitmap and wait until the
+//!    mark is durable. While connected this is an *activity log*: regions
+//!    that may hold writes in flight; the cleaner clears marks of regions
+//!    idle for a while. While degraded it records what the partner misses.
+//! 3. Write locally and send the write to the partner at the same time;
+//!    both make it durable (group commit) before answering.
+//! 4. If the partner did not confirm, the write is acknowledged only in
+//!    degraded mode: when the "may run degraded" predicate (the lease)
+//!    holds, after the generation was rotated. Otherwise the write is held
+//!    (resent if a link comes back) — I/O freezes, it is never acknowledged
+//!    without the lease.
+
+use crate::genid::{GenIds, Relation};
+use crate::locks::RegionLocks;
+use crate::nbd::proto::{EINVAL, EIO, ENOSPC, EPERM};
+use crate::ratelimit::{self, TokenBucket};
+use crate::region::{self, Bits};
+use crate::repl::link::PeerLink;
+use crate::repl::proto::*;
+use crate::replica::{self, fresh_gen, Decision, Replica, ReplicaError};
+use pairvisor_model::sync_advice::{self, SyncLinkAdvice};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::task::AbortHandle;
+
+/// An I/O failure reported to an NBD client, with its errno.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message} (errno {errno})")]
+pub struct IoError {
+    /// NBD error number.
+    pub errno: u32,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl IoError {
+    fn new(errno: u32, message: impl Into<String>) -> Self {
+        IoError {
+            errno,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ReplicaError> for IoError {
+    fn from(e: ReplicaError) -> Self {
+        let errno = match e {
+            ReplicaError::Invalid(_) => EINVAL,
+            _ => EIO,
+        };
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(": ");
+            msg.push_str(&s.to_string());
+            src = s.source();
+        }
+        IoError::new(errno, msg)
+    }
+}
+
+/// Errors of control operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A promotion with an epoch not above the highest one seen.
+    #[error("epoch {requested} is stale: this replica has seen epoch {seen}; promote with a higher epoch")]
+    StaleEpoch {
+        /// Epoch asked for.
+        requested: u64,
+        /// Highest epoch seen.
+        seen: u64,
+    },
+    /// Promotion of a replica whose resync did not finish.
+    #[error("replica is inconsistent (an unfinished resync); promote with force only if no better copy exists")]
+    Inconsistent,
+    /// The operation needs a state the volume is not in.
+    #[error("{0}")]
+    State(String),
+    /// The replica store failed.
+    #[error("replica store")]
+    Replica(#[from] ReplicaError),
+}
+
+/// Role of this replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Serves I/O and replicates to the partner.
+    Primary,
+    /// Receives replication from the primary.
+    Secondary,
+}
+
+/// When writes become durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Every write is durable on both replicas before it is acknowledged
+    /// (the product's default, SPEC S3).
+    EveryWrite,
+    /// Writes reach both replicas (page cache) before they are
+    /// acknowledged; FLUSH and FUA make them durable (NBD semantics).
+    OnFlush,
+}
+
+/// Predicate deciding whether the primary may acknowledge writes without
+/// its partner (the unit layer's lease).
+pub type DegradedPredicate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Tunables of a volume.
+#[derive(Clone)]
+pub struct VolumeOptions {
+    /// The unit secret authenticating replication.
+    pub secret: Vec<u8>,
+    /// Resync rate limit in bytes/s (0 = unlimited).
+    pub resync_rate: u64,
+    /// Durability policy.
+    pub durability: Durability,
+    /// A request over the link without reply for this long breaks the link.
+    pub link_timeout: Duration,
+    /// Activity-log marks of regions idle this long are cleared.
+    pub cleaner_idle: Duration,
+}
+
+impl Default for VolumeOptions {
+    fn default() -> Self {
+        VolumeOptions {
+            secret: Vec::new(),
+            resync_rate: 0,
+            durability: Durability::EveryWrite,
+            link_timeout: Duration::from_secs(5),
+            cleaner_idle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// State of the replication link, as seen from this replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum LinkState {
+    /// Primary without a partner configured.
+    Standalone,
+    /// Primary trying to reach its partner (degraded meanwhile).
+    Connecting {
+        /// Why the last attempt failed.
+        last_error: Option<String>,
+    },
+    /// Connected, copying dirty regions to the partner.
+    Resyncing,
+    /// Connected and in sync: every write goes to both replicas.
+    InSync,
+    /// Both replicas were written independently (or the partner is newer):
+    /// replication refused until a decision names the replica to keep.
+    SplitBrain {
+        /// The relation of the generations.
+        relation: Relation,
+    },
+    /// Secondary waiting for a primary.
+    Waiting,
+    /// Secondary receiving replication.
+    Replicating {
+        /// The primary's address.
+        primary: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+}
+
+/// Progress of a resync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncStatus {
+    /// Regions to copy in this resync.
+    pub total_regions: u64,
+    /// Regions copied.
+    pub done_regions: u64,
+    /// Bytes copied (holes count as copied without traffic).
+    pub done_bytes: u64,
+    /// Bytes still to copy.
+    pub remaining_bytes: u64,
+    /// Observed copy rate.
+    pub bytes_per_sec: f64,
+    /// Estimated seconds to completion.
+    pub eta_secs: Option<f64>,
+    /// Seconds since the resync started.
+    pub elapsed_secs: f64,
+}
+
+/// Per-volume counters (SPEC S9).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    /// Read requests.
+    pub read_ops: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Write requests (including write-zeroes and trim).
+    pub write_ops: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+    /// Average write size in bytes.
+    pub avg_write_bytes: f64,
+    /// Recent write throughput, bytes/s.
+    pub write_bytes_per_sec: f64,
+    /// Flushes.
+    pub flush_ops: u64,
+    /// Requests replicated to the partner.
+    pub replicated_ops: u64,
+    /// Average replication latency (request sent to partner's durable
+    /// reply), microseconds.
+    pub replication_latency_avg_us: f64,
+    /// Largest replication latency seen, microseconds.
+    pub replication_latency_max_us: u64,
+    /// The S9 sync-link advice for these numbers.
+    pub sync_link_advice: SyncLinkAdvice,
+}
+
+/// Result of an online verify.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Regions compared.
+    pub regions_checked: u64,
+    /// Number of regions whose contents differ.
+    pub differing_count: u64,
+    /// The differing regions (at most 1000 listed).
+    pub differing: Vec<u64>,
+    /// Region size, to turn indices into byte offsets.
+    pub region_size: u64,
+}
+
+/// Everything a status query reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Volume identifier.
+    pub volume_id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Region size in bytes.
+    pub region_size: u64,
+    /// Role.
+    pub role: Role,
+    /// Highest epoch seen.
+    pub epoch: u64,
+    /// Generation identifiers.
+    pub gen: GenIds,
+    /// False during an unfinished resync as target.
+    pub consistent: bool,
+    /// Pending split-brain decision.
+    pub decision: Option<Decision>,
+    /// Configured partner (primary side).
+    pub partner: Option<String>,
+    /// Link state.
+    pub link: LinkState,
+    /// Primary acknowledging writes without its partner.
+    pub degraded: bool,
+    /// Writes currently held because the lease does not allow degraded mode.
+    pub writes_held: u64,
+    /// Dirty regions in the bitmap.
+    pub dirty_regions: u64,
+    /// Resync progress, while one runs.
+    pub resync: Option<ResyncStatus>,
+    /// Counters.
+    pub stats: StatsSnapshot,
+    /// Last verify result.
+    pub last_verify: Option<VerifyReport>,
+    /// The last completed resync (as source).
+    pub last_resync: Option<ResyncStatus>,
+}
+
+#[derive(Default)]
+struct Stats {
+    read_ops: AtomicU64,
+    read_bytes: AtomicU64,
+    write_ops: AtomicU64,
+    write_bytes: AtomicU64,
+    flush_ops: AtomicU64,
+    repl_ops: AtomicU64,
+    repl_ns: AtomicU64,
+    repl_max_ns: AtomicU64,
+}
+
+struct ResyncProgress {
+    total: u64,
+    done: u64,
+    done_bytes: u64,
+    remaining_bytes: u64,
+    started: Instant,
+}
+
+impl ResyncProgress {
+    fn status(&self) -> ResyncStatus {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let rate = if elapsed > 0.0 {
+            self.done_bytes as f64 / elapsed
+        } else {
+            0.0
+        };
+        ResyncStatus {
+            total_regions: self.total,
+            done_regions: self.done,
+            done_bytes: self.done_bytes,
+            remaining_bytes: self.remaining_bytes,
+            bytes_per_sec: rate,
+            eta_secs: ratelimit::eta(self.remaining_bytes, rate).map(|d| d.as_secs_f64()),
+            elapsed_secs: elapsed,
+        }
+    }
+}
+
+struct Inner {
+    role: Role,
+    partner: Option<String>,
+    link: Option<Arc<PeerLink>>,
+    link_state: LinkState,
+    connector: Option<AbortHandle>,
+    incoming: Option<(u64, AbortHandle)>,
+    next_incoming: u64,
+    rotated: bool,
+    resync: Option<ResyncProgress>,
+    writes_held: u64,
+    last_verify: Option<VerifyReport>,
+    last_resync: Option<ResyncStatus>,
+    write_rate: f64,
+    rate_sample: (Instant, u64),
+}
+
+/// The mirror engine of one volume.
+pub struct Volume {
+    replica: Arc<Replica>,
+    opts: VolumeOptions,
+    resync_rate: AtomicU64,
+    inner: Mutex<Inner>,
+    changed: Notify,
+    locks: Arc<RegionLocks>,
+    stats: Stats,
+    may_degrade: RwLock<DegradedPredicate>,
+    rotate_lock: tokio::sync::Mutex<()>,
+    size: u64,
+    region_size: u64,
+}
+
+enum Op {
+    Write { offset: u64, data: Arc<Vec<u8>> },
+    Zero { offset: u64, len: u64 },
+    Flush,
+}
+
+fn durable_flag(durable: bool) -> u16 {
+    if durable {
+        F_DURABLE
+    } else {
+        0
+    }
+}
+
+async fn read_msg<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<Vec<u8>> {
+    let len = rd.read_u32().await?;
+    if len > MAX_HANDSHAKE {
+        return Err(std::io::Error::other("handshake message too large"));
+    }
+    let mut v = vec![0u8; len as usize];
+    rd.read_exact(&mut v).await?;
+    Ok(v)
+}
+
+fn nonce() -> [u8; 32] {
+    let mut n = [0u8; 32];
+    rand::rng().fill_bytes(&mut n);
+    n
+}
+
+impl Volume {
+    /// Starts the engine on an opened replica, as a secondary. Must be
+    /// called inside a tokio runtime (it spawns the cleaner and the
+    /// statistics sampler).
+    pub fn start(replica: Replica, opts: VolumeOptions) -> Arc<Volume> {
+        let size = replica.size();
+        let region_size = replica.region_size();
+        let v = Arc::new(Volume {
+            replica: Arc::new(replica),
+            resync_rate: AtomicU64::new(opts.resync_rate),
+            opts,
+            inner: Mutex::new(Inner {
+                role: Role::Secondary,
+                partner: None,
+                link: None,
+                link_state: LinkState::Waiting,
+                connector: None,
+                incoming: None,
+                next_incoming: 0,
+                rotated: false,
+                resync: None,
+                writes_held: 0,
+                last_verify: None,
+                last_resync: None,
+                write_rate: 0.0,
+                rate_sample: (Instant::now(), 0),
+            }),
+            changed: Notify::new(),
+            locks: Arc::new(RegionLocks::default()),
+            stats: Stats::default(),
+            may_degrade: RwLock::new(Arc::new(|| true)),
+            rotate_lock: tokio::sync::Mutex::new(()),
+            size,
+            region_size,
+        });
+        let weak = Arc::downgrade(&v);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(v) = weak.upgrade() else { return };
+                v.sample_rate();
+                v.clean_activity_log();
+            }
+        });
+        v
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The local replica.
+    pub fn replica(&self) -> &Arc<Replica> {
+        &self.replica
+    }
+
+    /// Current role.
+    pub fn role(&self) -> Role {
+        self.lock().role
+    }
+
+    /// Installs the "may run degraded" predicate (the lease).
+    pub fn set_degraded_predicate(&self, p: DegradedPredicate) {
+        *self.may_degrade.write().unwrap_or_else(|e| e.into_inner()) = p;
+        self.changed.notify_waiters();
+    }
+
+    /// Wakes writes held for the lease so they re-evaluate the predicate.
+    pub fn lease_changed(&self) {
+        self.changed.notify_waiters();
+    }
+
+    fn may_degrade(&self) -> bool {
+        let p = self
+            .may_degrade
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        p()
+    }
+
+    /// Changes the resync rate limit (bytes/s, 0 = unlimited).
+    pub fn set_resync_rate(&self, bytes_per_sec: u64) {
+        self.resync_rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+
+    async fn blocking<T, F>(&self, f: F) -> Result<T, IoError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Replica) -> replica::Result<T> + Send + 'static,
+    {
+        let r = self.replica.clone();
+        match tokio::task::spawn_blocking(move || f(&r)).await {
+            Ok(res) => res.map_err(IoError::from),
+            Err(_) => Err(IoError::new(EIO, "storage task failed")),
+        }
+    }
+
+    fn active_link(&self) -> Option<Arc<PeerLink>> {
+        let l = self.lock().link.clone()?;
+        l.is_alive().then_some(l)
+    }
+
+    fn check_primary(&self) -> Result<(), IoError> {
+        if self.role() == Role::Primary {
+            Ok(())
+        } else {
+            Err(IoError::new(EPERM, "this replica is not primary"))
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Data path.
+
+    /// Reads `len` bytes at `offset` from the local replica.
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, IoError> {
+        if self.role() != Role::Primary && !self.replica.meta().consistent {
+            return Err(IoError::new(EIO, "replica is inconsistent (resync target)"));
+        }
+        if !region::in_bounds(offset, len as u64, self.size) {
+            return Err(IoError::new(EINVAL, "read beyond the end of the volume"));
+        }
+        let data = self
+            .blocking(move |r| {
+                let mut buf = vec![0u8; len as usize];
+                r.read_at(&mut buf, offset)?;
+                Ok(buf)
+            })
+            .await?;
+        self.stats.read_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .read_bytes
+            .fetch_add(len as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Allocation extents of a range of the local replica.
+    pub async fn extents(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>, IoError> {
+        self.blocking(move |r| Ok(r.extents(offset, len))).await
+    }
+
+    /// Writes `data` at `offset`; returns when durable on both replicas (or
+    /// locally in degraded mode, see the module documentation).
+    pub async fn write(self: &Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+        self.check_primary()?;
+        let len = data.len() as u64;
+        if !region::in_bounds(offset, len, self.size) {
+            return Err(IoError::new(ENOSPC, "write beyond the end of the volume"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.modify(
+            Op::Write {
+                offset,
+                data: Arc::new(data),
+            },
+            fua,
+        )
+        .await?;
+        self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes a range read as zeroes (WRITE_ZEROES and TRIM).
+    pub async fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+        self.check_primary()?;
+        if !region::in_bounds(offset, len, self.size) {
+            return Err(IoError::new(ENOSPC, "range beyond the end of the volume"));
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        self.modify(Op::Zero { offset, len }, fua).await?;
+        self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every acknowledged write durable on both replicas.
+    pub async fn flush(self: &Arc<Self>) -> Result<(), IoError> {
+        self.check_primary()?;
+        let link = self.active_link();
+        let local = self.blocking(|r| r.sync_data());
+        let remote = async {
+            match &link {
+                Some(l) => Some(l.request(K_FLUSH, 0, 0, 0, &[]).await),
+                None => None,
+            }
+        };
+        let (lres, rres) = tokio::join!(local, remote);
+        lres?;
+        self.stats.flush_ops.fetch_add(1, Ordering::Relaxed);
+        match (rres, link) {
+            (Some(Ok(rep)), _) if rep.status == 0 => Ok(()),
+            (Some(_), Some(l)) => {
+                self.link_lost(&l, "flush failed on the partner");
+                self.degraded_ack(Op::Flush).await
+            }
+            _ => self.degraded_ack(Op::Flush).await,
+        }
+    }
+
+    async fn modify(self: &Arc<Self>, op: Op, fua: bool) -> Result<(), IoError> {
+        let (offset, len) = match &op {
+            Op::Write { offset, data } => (*offset, data.len() as u64),
+            Op::Zero { offset, len } => (*offset, *len),
+            Op::Flush => unreachable!("flush is not a modification"),
+        };
+        let regions = region::regions_for(offset, len, self.region_size);
+        let _guard = self.locks.shared(regions.clone(), offset, offset + len).await;
+        // The mark is durable before any byte of the write can reach disk.
+        let rs = regions.clone();
+        self.blocking(move |r| r.mark_dirty(rs)).await?;
+        self.locks.touch(regions);
+        let durable = fua || self.opts.durability == Durability::EveryWrite;
+        // Taken after the mark: a write that sees no link has its region
+        // marked before any link could snapshot the bitmap for resync.
+        let link = self.active_link();
+        let started = Instant::now();
+        let local = {
+            let op_data = match &op {
+                Op::Write { data, .. } => Some(data.clone()),
+                _ => None,
+            };
+            self.blocking(move |r| {
+                match op_data {
+                    Some(d) => r.write_at(&d, offset)?,
+                    None => r.write_zeroes(offset, len)?,
+                }
+                if durable {
+                    r.sync_data()?;
+                }
+                Ok(())
+            })
+        };
+        let remote = async {
+            match &link {
+                Some(l) => Some(self.send_op(l, &op, durable).await),
+                None => None,
+            }
+        };
+        let (lres, rres) = tokio::join!(local, remote);
+        lres?;
+        match (rres, link) {
+            (Some(Ok(())), _) => {
+                self.note_replication(started.elapsed());
+                Ok(())
+            }
+            (Some(Err(why)), Some(l)) => {
+                self.link_lost(&l, &why);
+                self.degraded_ack(op).await
+            }
+            _ => self.degraded_ack(op).await,
+        }
+    }
+
+    fn note_replication(&self, d: Duration) {
+        let ns = d.as_nanos() as u64;
+        self.stats.repl_ops.fetch_add(1, Ordering::Relaxed);
+        self.stats.repl_ns.fetch_add(ns, Ordering::Relaxed);
+        self.stats.repl_max_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    async fn send_op(&self, link: &PeerLink, op: &Op, durable: bool) -> Result<(), String> {
+        let res = match op {
+            Op::Write { offset, data } => {
+                link.request(K_WRITE, durable_flag(durable), *offset, data.len() as u32, data)
+                    .await
+            }
+            Op::Zero { offset, len } => {
+                // Ranges longer than a frame can describe are split.
+                let mut done = 0u64;
+                let mut last = None;
+                while done < *len {
+                    let n = (*len - done).min(1 << 30);
+                    let r = link
+                        .request(K_ZERO, durable_flag(durable), offset + done, n as u32, &[])
+                        .await;
+                    match r {
+                        Ok(rep) if rep.status == 0 => {}
+                        other => {
+                            last = Some(other);
+                            break;
+                        }
+                    }
+                    done += n;
+                }
+                match last {
+                    None => return Ok(()),
+                    Some(r) => r,
+                }
+            }
+            Op::Flush => link.request(K_FLUSH, 0, 0, 0, &[]).await,
+        };
+        match res {
+            Ok(rep) if rep.status == 0 => Ok(()),
+            Ok(rep) => Err(format!(
+                "partner failed the request with errno {}: {}",
+                rep.status,
+                String::from_utf8_lossy(&rep.payload)
+            )),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Acknowledges an operation that the partner did not confirm: resend
+    /// over a new link, or accept it in degraded mode while the lease
+    /// allows, or hold it.
+    async fn degraded_ack(self: &Arc<Self>, op: Op) -> Result<(), IoError> {
+        let mut held = false;
+        let res = loop {
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.role() != Role::Primary {
+                break Err(IoError::new(EIO, "replica was demoted with the write in flight"));
+            }
+            if let Some(l) = self.active_link() {
+                match self.send_op(&l, &op, true).await {
+                    Ok(()) => break Ok(()),
+                    Err(why) => {
+                        self.link_lost(&l, &why);
+                        continue;
+                    }
+                }
+            }
+            if self.may_degrade() {
+                break self.ensure_rotated().await;
+            }
+            if !held {
+                held = true;
+                self.lock().writes_held += 1;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(200), n).await;
+        };
+        if held {
+            self.lock().writes_held -= 1;
+        }
+        res
+    }
+
+    /// Starts a new generation before the first degraded acknowledgement.
+    async fn ensure_rotated(&self) -> Result<(), IoError> {
+        let _g = self.rotate_lock.lock().await;
+        if self.lock().rotated {
+            return Ok(());
+        }
+        self.blocking(|r| {
+            r.update_meta(|m| m.gen.rotate_for_degraded_write(fresh_gen()))
+        })
+        .await?;
+        self.lock().rotated = true;
+        tracing::warn!("volume running degraded: new generation started");
+        Ok(())
+    }
+
+    fn link_lost(&self, link: &Arc<PeerLink>, why: &str) {
+        link.close(why);
+        let mut st = self.lock();
+        if st.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            st.link = None;
+            st.resync = None;
+            if st.role == Role::Primary {
+                st.link_state = LinkState::Connecting {
+                    last_error: Some(why.to_string()),
+                };
+            }
+        }
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    // ------------------------------------------------------------------
+    // Background: statistics and the activity-log cleaner.
+
+    fn sample_rate(&self) {
+        let bytes = self.stats.write_bytes.load(Ordering::Relaxed);
+        let mut st = self.lock();
+        let (t0, b0) = st.rate_sample;
+        let dt = t0.elapsed().as_secs_f64();
+        if dt > 0.0 {
+            let sample = bytes.saturating_sub(b0) as f64 / dt;
+            st.write_rate = ratelimit::ewma(st.write_rate, sample, 0.3);
+            if st.write_rate < 1.0 {
+                st.write_rate = sample;
+            }
+        }
+        st.rate_sample = (Instant::now(), bytes);
+    }
+
+    fn clean_activity_log(&self) {
+        let link = {
+            let st = self.lock();
+            if st.role != Role::Primary || st.link_state != LinkState::InSync {
+                return;
+            }
+            st.link.clone()
+        };
+        let Some(link) = link else { return };
+        let idle = self
+            .locks
+            .take_idle(Instant::now() - self.opts.cleaner_idle);
+        for r in idle {
+            let Some(_g) = self.locks.try_exclusive(r) else {
+                self.locks.retouch(r);
+                continue;
+            };
+            let still = {
+                let st = self.lock();
+                st.link_state == LinkState::InSync
+                    && st.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link))
+                    && link.is_alive()
+            };
+            if !still {
+                self.locks.retouch(r);
+                return;
+            }
+            if self.replica.clear_dirty(r).is_err() {
+                self.locks.retouch(r);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Control.
+
+    /// Promotes this replica to primary with `epoch`, which must exceed
+    /// every epoch it has seen. `force` promotes an inconsistent replica.
+    pub async fn promote(self: &Arc<Self>, epoch: u64, force: bool) -> Result<(), ControlError> {
+        let meta = self.replica.meta();
+        if self.role() == Role::Primary && epoch == meta.epoch {
+            return Ok(());
+        }
+        if epoch <= meta.epoch {
+            return Err(ControlError::StaleEpoch {
+                requested: epoch,
+                seen: meta.epoch,
+            });
+        }
+        if !meta.consistent && !force {
+            return Err(ControlError::Inconsistent);
+        }
+        let r = self.replica.clone();
+        tokio::task::spawn_blocking(move || {
+            r.update_meta(|m| {
+                m.epoch = epoch;
+                m.consistent = true;
+                if m.gen.current == 0 {
+                    // A new, never written volume: from now on it has data
+                    // (all zeroes) that an empty partner must copy.
+                    m.gen.current = fresh_gen();
+                }
+            })
+        })
+        .await
+        .map_err(|_| ControlError::State("storage task failed".into()))??;
+        self.become_primary();
+        Ok(())
+    }
+
+    /// Resumes as primary after a restart, with the epoch it was promoted
+    /// with (no other replica can have been promoted with it).
+    pub fn resume_primary(self: &Arc<Self>, epoch: u64) -> Result<(), ControlError> {
+        let meta = self.replica.meta();
+        if epoch != meta.epoch {
+            return Err(ControlError::StaleEpoch {
+                requested: epoch,
+                seen: meta.epoch,
+            });
+        }
+        if !meta.consistent {
+            return Err(ControlError::Inconsistent);
+        }
+        self.become_primary();
+        Ok(())
+    }
+
+    fn become_primary(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if let Some((_, h)) = st.incoming.take() {
+            h.abort();
+        }
+        st.role = Role::Primary;
+        st.rotated = false;
+        st.link_state = if st.partner.is_some() {
+            LinkState::Connecting { last_error: None }
+        } else {
+            LinkState::Standalone
+        };
+        drop(st);
+        self.restart_connector();
+        tracing::info!(epoch = self.replica.meta().epoch, "promoted to primary");
+    }
+
+    /// Demotes this replica to secondary: writes are refused, the link is
+    /// closed, and the replica waits for a primary.
+    pub fn demote(&self) {
+        let mut st = self.lock();
+        st.role = Role::Secondary;
+        if let Some(c) = st.connector.take() {
+            c.abort();
+        }
+        if let Some(l) = st.link.take() {
+            l.close("demoted");
+        }
+        st.resync = None;
+        st.link_state = LinkState::Waiting;
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Sets (or clears) the partner's replication address.
+    pub fn set_partner(self: &Arc<Self>, addr: Option<String>) {
+        let mut st = self.lock();
+        if st.partner == addr {
+            return;
+        }
+        st.partner = addr;
+        if let Some(l) = st.link.take() {
+            l.close("partner changed");
+        }
+        if st.role == Role::Primary {
+            st.link_state = if st.partner.is_some() {
+                LinkState::Connecting { last_error: None }
+            } else {
+                LinkState::Standalone
+            };
+        }
+        drop(st);
+        self.restart_connector();
+    }
+
+    /// Records the split-brain decision for this replica.
+    pub async fn decide(&self, d: Decision) -> Result<(), ControlError> {
+        let r = self.replica.clone();
+        tokio::task::spawn_blocking(move || r.update_meta(|m| m.decision = Some(d)))
+            .await
+            .map_err(|_| ControlError::State("storage task failed".into()))??;
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    fn restart_connector(self: &Arc<Self>) {
+        let mut st = self.lock();
+        if let Some(c) = st.connector.take() {
+            c.abort();
+        }
+        if st.role != Role::Primary {
+            return;
+        }
+        let Some(addr) = st.partner.clone() else {
+            return;
+        };
+        let me = self.clone();
+        let h = tokio::spawn(async move { me.connector(addr).await });
+        st.connector = Some(h.abort_handle());
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> Status {
+        let meta = self.replica.meta();
+        let st = self.lock();
+        let s = &self.stats;
+        let write_ops = s.write_ops.load(Ordering::Relaxed);
+        let write_bytes = s.write_bytes.load(Ordering::Relaxed);
+        let avg = if write_ops == 0 {
+            0.0
+        } else {
+            write_bytes as f64 / write_ops as f64
+        };
+        let repl_ops = s.repl_ops.load(Ordering::Relaxed);
+        let repl_avg = if repl_ops == 0 {
+            0.0
+        } else {
+            s.repl_ns.load(Ordering::Relaxed) as f64 / repl_ops as f64 / 1000.0
+        };
+        let resync = st.resync.as_ref().map(ResyncProgress::status);
+        Status {
+            volume_id: meta.volume_id.clone(),
+            size: meta.size,
+            region_size: meta.region_size,
+            role: st.role,
+            epoch: meta.epoch,
+            gen: meta.gen.clone(),
+            consistent: meta.consistent,
+            decision: meta.decision,
+            partner: st.partner.clone(),
+            link: st.link_state.clone(),
+            degraded: st.role == Role::Primary
+                && !matches!(st.link_state, LinkState::InSync | LinkState::Resyncing),
+            writes_held: st.writes_held,
+            dirty_regions: self.replica.dirty_count(),
+            resync,
+            stats: StatsSnapshot {
+                read_ops: s.read_ops.load(Ordering::Relaxed),
+                read_bytes: s.read_bytes.load(Ordering::Relaxed),
+                write_ops,
+                write_bytes,
+                avg_write_bytes: avg,
+                write_bytes_per_sec: st.write_rate,
+                flush_ops: s.flush_ops.load(Ordering::Relaxed),
+                replicated_ops: repl_ops,
+                replication_latency_avg_us: repl_avg,
+                replication_latency_max_us: s.repl_max_ns.load(Ordering::Relaxed) / 1000,
+                sync_link_advice: sync_advice::advise(st.write_rate, avg),
+            },
+            last_verify: st.last_verify.clone(),
+            last_resync: st.last_resync.clone(),
+        }
+    }
+
+    /// Waits until `pred` holds for the status, or the deadline passes.
+    pub async fn wait_for(&self, timeout: Duration, pred: impl Fn(&Status) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if pred(&self.status()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, tokio::time::timeout(Duration::from_millis(100), n))
+                .await
+                .is_err()
+            {
+                return pred(&self.status());
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Primary side of replication.
+
+    async fn connector(self: Arc<Self>, addr: String) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.role() != Role::Primary {
+                return;
+            }
+            let n = self.changed.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            match self.connect_once(&addr).await {
+                Ok(link) => {
+                    let up = Instant::now();
+                    link.closed().await;
+                    self.link_lost(&link, &link.close_reason().unwrap_or_default());
+                    if up.elapsed() > Duration::from_secs(2) {
+                        backoff = Duration::from_millis(100);
+                    } else {
+                        let n = self.changed.notified();
+                        let _ = tokio::time::timeout(backoff, n).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+                Err(why) => {
+                    {
+                        let mut st = self.lock();
+                        if !matches!(st.link_state, LinkState::SplitBrain { .. }) {
+                            st.link_state = LinkState::Connecting {
+                                last_error: Some(why.clone()),
+                            };
+                        }
+                    }
+                    tracing::debug!("connecting to partner {addr}: {why}");
+                    let _ = tokio::time::timeout(backoff, n).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn connect_once(self: &Arc<Self>, addr: &str) -> Result<Arc<PeerLink>, String> {
+        let t = self.opts.link_timeout;
+        let stream = tokio::time::timeout(t, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let hs = tokio::time::timeout(t * 2, self.client_handshake(&mut rd, &mut wr))
+            .await
+            .map_err(|_| "handshake timed out".to_string())??;
+        let Some(resync_full) = hs else {
+            return Err("split brain: waiting for a decision".into());
+        };
+        let link = PeerLink::start(rd, wr, addr.to_string(), t);
+        {
+            let mut st = self.lock();
+            if st.role != Role::Primary {
+                link.close("demoted during handshake");
+                return Err("demoted".into());
+            }
+            st.link = Some(link.clone());
+            st.rotated = false;
+            st.link_state = LinkState::Resyncing;
+        }
+        self.changed.notify_waiters();
+        tracing::info!(peer = addr, full = resync_full, "replication link up, resync starting");
+        let me = self.clone();
+        let l2 = link.clone();
+        tokio::spawn(async move { me.resync(l2).await });
+        let me = self.clone();
+        let l2 = link.clone();
+        tokio::spawn(async move {
+            while l2.is_alive() {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Err(e) = l2.request(K_PING, 0, 0, 0, &[]).await {
+                    me.link_lost(&l2, &e.to_string());
+                }
+            }
+        });
+        Ok(link)
+    }
+
+    /// Returns `Some(full)` when replication may start, `None` on split brain.
+    async fn client_handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<bool>, String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let io = |e: std::io::Error| format!("handshake: {e}");
+        let mut greet = [0u8; 12];
+        rd.read_exact(&mut greet).await.map_err(io)?;
+        if &greet[0..8] != GREETING || greet[8..12] != VERSION.to_be_bytes() {
+            return Err("partner does not speak pv-mirror protocol version 1".into());
+        }
+        let mut ns = [0u8; 32];
+        rd.read_exact(&mut ns).await.map_err(io)?;
+        let meta = self.replica.meta();
+        let hello = serde_json::to_vec(&Hello {
+            volume_id: meta.volume_id.clone(),
+            size: meta.size,
+            region_size: meta.region_size,
+            epoch: meta.epoch,
+        })
+        .expect("hello serialises");
+        let nc = nonce();
+        let tag = mac(&self.opts.secret, LABEL_CLIENT, &[&ns, &nc, &hello]);
+        let mut out = (hello.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&hello);
+        out.extend_from_slice(&nc);
+        out.extend_from_slice(&tag);
+        wr.write_all(&out).await.map_err(io)?;
+        wr.flush().await.map_err(io)?;
+        let welcome_raw = read_msg(rd).await.map_err(io)?;
+        let blen = rd.read_u32().await.map_err(io)?;
+        let nregions = self.replica.region_count();
+        if blen as u64 > nregions.div_ceil(8) {
+            return Err("partner sent an oversized bitmap".into());
+        }
+        let mut bitmap = vec![0u8; blen as usize];
+        rd.read_exact(&mut bitmap).await.map_err(io)?;
+        let mut stag = [0u8; 32];
+        rd.read_exact(&mut stag).await.map_err(io)?;
+        if !mac_ok(&self.opts.secret, LABEL_SERVER, &[&nc, &ns, &welcome_raw, &bitmap], &stag) {
+            return Err("partner failed authentication (wrong unit secret?)".into());
+        }
+        let welcome: Welcome =
+            serde_json::from_slice(&welcome_raw).map_err(|e| format!("bad welcome: {e}"))?;
+        if !welcome.accepted {
+            return Err(format!(
+                "partner refused: {}",
+                welcome.error.unwrap_or_default()
+            ));
+        }
+        let meta = self.replica.meta();
+        let relation = meta.gen.compare(&welcome.gen);
+        let decided = meta.decision == Some(Decision::KeepLocal)
+            || welcome.decision == Some(Decision::DiscardLocal);
+        let plan = if meta.decision == Some(Decision::DiscardLocal) {
+            Err("this replica is marked to be discarded: demote it and promote the partner".to_string())
+        } else {
+            match relation {
+                Relation::Equal => Ok(false),
+                Relation::LocalAhead { full } => Ok(full),
+                Relation::PeerAhead { full } | Relation::SplitBrain { full } if decided => Ok(full),
+                other => Err(format!("generations diverged ({other:?}); a decision is needed")),
+            }
+        };
+        let full = match plan {
+            Ok(full) => full,
+            Err(reason) => {
+                let p = serde_json::to_vec(&Plan {
+                    proceed: false,
+                    reason: Some(reason.clone()),
+                    resync: false,
+                })
+                .expect("plan serialises");
+                let mut out = (p.len() as u32).to_be_bytes().to_vec();
+                out.extend_from_slice(&p);
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                self.lock().link_state = LinkState::SplitBrain { relation };
+                self.changed.notify_waiters();
+                tracing::error!("split brain with partner: {reason}");
+                return Ok(None);
+            }
+        };
+        let peer_bits = Bits::from_bytes(nregions, &bitmap);
+        let r = self.replica.clone();
+        tokio::task::spawn_blocking(move || {
+            if full {
+                r.mark_all_dirty()
+            } else {
+                r.merge_dirty(&peer_bits)
+            }
+        })
+        .await
+        .map_err(|_| "storage task failed".to_string())?
+        .map_err(|e| format!("bitmap: {e}"))?;
+        let p = serde_json::to_vec(&Plan {
+            proceed: true,
+            reason: None,
+            resync: self.replica.dirty_count() > 0,
+        })
+        .expect("plan serialises");
+        let mut out = (p.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&p);
+        wr.write_all(&out).await.map_err(io)?;
+        wr.flush().await.map_err(io)?;
+        Ok(Some(full))
+    }
+
+    async fn resync(self: Arc<Self>, link: Arc<PeerLink>) {
+        let todo: Vec<u64> = self.replica.dirty_bits().iter_set().collect();
+        let total_bytes: u64 = todo
+            .iter()
+            .map(|&r| region::region_span(r, self.region_size, self.size).1)
+            .sum();
+        let origin = Instant::now();
+        {
+            let mut st = self.lock();
+            st.resync = Some(ResyncProgress {
+                total: todo.len() as u64,
+                done: 0,
+                done_bytes: 0,
+                remaining_bytes: total_bytes,
+                started: origin,
+            });
+        }
+        let mut bucket = TokenBucket::new(
+            self.resync_rate.load(Ordering::Relaxed),
+            self.region_size,
+            Duration::ZERO,
+        );
+        let mut buf_pool: Option<Vec<u8>> = None;
+        for idx in todo {
+            let rate = self.resync_rate.load(Ordering::Relaxed);
+            if rate != bucket.rate() {
+                bucket.set_rate(rate, origin.elapsed());
+            }
+            let (off, len) = region::region_span(idx, self.region_size, self.size);
+            let wait = bucket.take(len, origin.elapsed());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            let _x = self.locks.exclusive(idx).await;
+            if !link.is_alive() {
+                return;
+            }
+            if self.replica.is_dirty(idx) {
+                let mut buf = buf_pool.take().unwrap_or_default();
+                let res = self
+                    .blocking(move |r| {
+                        if r.is_hole(off, len) {
+                            return Ok((true, buf));
+                        }
+                        buf.resize(len as usize, 0);
+                        r.read_at(&mut buf, off)?;
+                        Ok((false, buf))
+                    })
+                    .await;
+                let (hole, buf) = match res {
+                    Ok(x) => x,
+                    Err(e) => {
+                        self.link_lost(&link, &format!("resync read failed: {e}"));
+                        return;
+                    }
+                };
+                let reply = if hole {
+                    link.request(K_ZERO, F_DURABLE | F_RESYNC, off, len as u32, &[])
+                        .await
+                } else {
+                    link.request(K_WRITE, F_DURABLE | F_RESYNC, off, len as u32, &buf)
+                        .await
+                };
+                buf_pool = Some(buf);
+                match reply {
+                    Ok(rep) if rep.status == 0 => {}
+                    Ok(rep) => {
+                        self.link_lost(&link, &format!("partner failed resync write: errno {}", rep.status));
+                        return;
+                    }
+                    Err(e) => {
+                        self.link_lost(&link, &e.to_string());
+                        return;
+                    }
+                }
+                let _ = self.replica.clear_dirty(idx);
+            }
+            let mut st = self.lock();
+            if let Some(p) = st.resync.as_mut() {
+                p.done += 1;
+                p.done_bytes += len;
+                p.remaining_bytes = p.remaining_bytes.saturating_sub(len);
+            }
+        }
+        let cur = self.replica.meta().gen.current;
+        match link.request(K_RESYNC_DONE, 0, 0, 8, &cur.to_be_bytes()).await {
+            Ok(rep) if rep.status == 0 => {}
+            Ok(rep) => {
+                self.link_lost(&link, &format!("partner failed to finish resync: errno {}", rep.status));
+                return;
+            }
+            Err(e) => {
+                self.link_lost(&link, &e.to_string());
+                return;
+            }
+        }
+        let r = self.replica.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            r.update_meta(|m| {
+                if m.gen.current == cur {
+                    m.gen.resync_finished_as_source();
+                }
+                m.decision = None;
+            })
+        })
+        .await;
+        if !matches!(ok, Ok(Ok(()))) {
+            self.link_lost(&link, "could not record the end of resync");
+            return;
+        }
+        {
+            let mut st = self.lock();
+            if st.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, &link)) && link.is_alive() {
+                st.link_state = LinkState::InSync;
+                st.last_resync = st.resync.take().map(|p| p.status());
+            }
+        }
+        self.changed.notify_waiters();
+        tracing::info!("resync finished: volume in sync");
+    }
+
+    // ------------------------------------------------------------------
+    // Verify.
+
+    /// Compares every region of both replicas by SHA-256 (each region is
+    /// held against writes while it is hashed on both sides).
+    pub async fn verify(self: &Arc<Self>) -> Result<VerifyReport, ControlError> {
+        let link = {
+            let st = self.lock();
+            if st.role != Role::Primary || st.link_state != LinkState::InSync {
+                return Err(ControlError::State(
+                    "verify needs a primary in sync with its partner".into(),
+                ));
+            }
+            st.link.clone()
+        };
+        let Some(link) = link else {
+            return Err(ControlError::State("no replication link".into()));
+        };
+        let n = self.replica.region_count();
+        let mut report = VerifyReport {
+            regions_checked: 0,
+            differing_count: 0,
+            differing: Vec::new(),
+            region_size: self.region_size,
+        };
+        for idx in 0..n {
+            let _x = self.locks.exclusive(idx).await;
+            let local = self.blocking(move |r| r.hash_region(idx));
+            let remote = link.request(K_VERIFY, 0, idx, 0, &[]);
+            let (local, remote) = tokio::join!(local, remote);
+            let local = local.map_err(|e| ControlError::State(format!("local hash: {e}")))?;
+            let remote = remote.map_err(|e| ControlError::State(e.to_string()))?;
+            if remote.status != 0 || remote.payload.len() != 32 {
+                return Err(ControlError::State(format!(
+                    "partner could not hash region {idx}"
+                )));
+            }
+            report.regions_checked += 1;
+            if remote.payload[..] != local[..] {
+                report.differing_count += 1;
+                if report.differing.len() < 1000 {
+                    report.differing.push(idx);
+                }
+            }
+        }
+        self.lock().last_verify = Some(report.clone());
+        Ok(report)
+    }
+
+    // ------------------------------------------------------------------
+    // Secondary side of replication.
+
+    /// Accepts replication connections until the task is cancelled.
+    pub async fn serve_replication(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (s, peer) = listener.accept().await?;
+            let _ = s.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.handle_incoming(s, peer.to_string()).await {
+                    tracing::info!("replication connection from {peer}: {e}");
+                }
+            });
+        }
+    }
+
+    async fn handle_incoming(self: Arc<Self>, stream: TcpStream, peer: String) -> Result<(), String> {
+        let (mut rd, mut wr) = stream.into_split();
+        let t = self.opts.link_timeout;
+        let hs = tokio::time::timeout(t * 2, self.server_handshake(&mut rd, &mut wr))
+            .await
+            .map_err(|_| "handshake timed out".to_string())??;
+        let Some((epoch, resync)) = hs else {
+            return Ok(());
+        };
+        // Register as the one primary connection, replacing an older one.
+        let (tx_abort, rx_abort) = tokio::sync::oneshot::channel::<()>();
+        let me = self.clone();
+        let peer2 = peer.clone();
+        let task = tokio::spawn(async move {
+            let _keep = tx_abort;
+            me.serve_frames(rd, wr, epoch, resync, peer2).await
+        });
+        let id = {
+            let mut st = self.lock();
+            if st.role == Role::Primary {
+                task.abort();
+                return Err("became primary during handshake".into());
+            }
+            if let Some((_, old)) = st.incoming.take() {
+                old.abort();
+            }
+            st.next_incoming += 1;
+            let id = st.next_incoming;
+            st.incoming = Some((id, task.abort_handle()));
+            st.link_state = LinkState::Replicating {
+                primary: peer.clone(),
+                epoch,
+            };
+            id
+        };
+        self.changed.notify_waiters();
+        let _ = rx_abort.await;
+        let res = match task.await {
+            Ok(r) => r,
+            Err(_) => Err("replaced by a newer primary connection".into()),
+        };
+        {
+            let mut st = self.lock();
+            if st.incoming.as_ref().is_some_and(|(i, _)| *i == id) {
+                st.incoming = None;
+                if st.role == Role::Secondary {
+                    st.link_state = LinkState::Waiting;
+                }
+            }
+        }
+        self.changed.notify_waiters();
+        res
+    }
+
+    /// Returns `Some((epoch, resync))` when the primary proceeds.
+    async fn server_handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<(u64, bool)>, String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let io = |e: std::io::Error| format!("handshake: {e}");
+        let ns = nonce();
+        let mut out = GREETING.to_vec();
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        out.extend_from_slice(&ns);
+        wr.write_all(&out).await.map_err(io)?;
+        wr.flush().await.map_err(io)?;
+        let hello_raw = read_msg(rd).await.map_err(io)?;
+        let mut nc = [0u8; 32];
+        rd.read_exact(&mut nc).await.map_err(io)?;
+        let mut tag = [0u8; 32];
+        rd.read_exact(&mut tag).await.map_err(io)?;
+        if !mac_ok(&self.opts.secret, LABEL_CLIENT, &[&ns, &nc, &hello_raw], &tag) {
+            tracing::warn!("rejected an unauthenticated replication connection");
+            return Err("client failed authentication".into());
+        }
+        let hello: Hello =
+            serde_json::from_slice(&hello_raw).map_err(|e| format!("bad hello: {e}"))?;
+        let meta = self.replica.meta();
+        let refusal = if hello.volume_id != meta.volume_id {
+            Some(format!(
+                "volume {} is not this replica's volume {}",
+                hello.volume_id, meta.volume_id
+            ))
+        } else if hello.size != meta.size || hello.region_size != meta.region_size {
+            Some("volume geometry differs".to_string())
+        } else if self.role() == Role::Primary {
+            Some("this replica is primary too".to_string())
+        } else if hello.epoch < meta.epoch {
+            Some(format!(
+                "stale epoch {}: this replica has seen epoch {}",
+                hello.epoch, meta.epoch
+            ))
+        } else {
+            None
+        };
+        if refusal.is_none() && hello.epoch > meta.epoch {
+            let r = self.replica.clone();
+            let e = hello.epoch;
+            tokio::task::spawn_blocking(move || r.update_meta(|m| m.epoch = m.epoch.max(e)))
+                .await
+                .map_err(|_| "storage task failed".to_string())?
+                .map_err(|e| format!("meta: {e}"))?;
+        }
+        let meta = self.replica.meta();
+        let welcome = serde_json::to_vec(&Welcome {
+            accepted: refusal.is_none(),
+            error: refusal.clone(),
+            gen: meta.gen.clone(),
+            epoch: meta.epoch,
+            consistent: meta.consistent,
+            decision: meta.decision,
+        })
+        .expect("welcome serialises");
+        let bitmap = if refusal.is_none() {
+            self.replica.dirty_bits().to_bytes()
+        } else {
+            Vec::new()
+        };
+        let stag = mac(&self.opts.secret, LABEL_SERVER, &[&nc, &ns, &welcome, &bitmap]);
+        let mut out = (welcome.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&welcome);
+        out.extend_from_slice(&(bitmap.len() as u32).to_be_bytes());
+        out.extend_from_slice(&bitmap);
+        out.extend_from_slice(&stag);
+        wr.write_all(&out).await.map_err(io)?;
+        wr.flush().await.map_err(io)?;
+        if let Some(r) = refusal {
+            return Err(format!("refused primary: {r}"));
+        }
+        let plan_raw = read_msg(rd).await.map_err(io)?;
+        let plan: Plan = serde_json::from_slice(&plan_raw).map_err(|e| format!("bad plan: {e}"))?;
+        if !plan.proceed {
+            tracing::error!(
+                "primary refuses to replicate: {}",
+                plan.reason.unwrap_or_default()
+            );
+            return Ok(None);
+        }
+        if plan.resync {
+            let r = self.replica.clone();
+            tokio::task::spawn_blocking(move || r.update_meta(|m| m.consistent = false))
+                .await
+                .map_err(|_| "storage task failed".to_string())?
+                .map_err(|e| format!("meta: {e}"))?;
+        }
+        Ok(Some((hello.epoch, plan.resync)))
+    }
+
+    async fn serve_frames(
+        self: Arc<Self>,
+        mut rd: tokio::net::tcp::OwnedReadHalf,
+        wr: tokio::net::tcp::OwnedWriteHalf,
+        epoch: u64,
+        _resync: bool,
+        _peer: String,
+    ) -> Result<(), String> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+        let writer = tokio::spawn(async move {
+            let mut wr = BufWriter::new(wr);
+            while let Some(b) = rx.recv().await {
+                wr.write_all(&b).await?;
+                while let Ok(more) = rx.try_recv() {
+                    wr.write_all(&more).await?;
+                }
+                wr.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        struct AbortOnDrop(AbortHandle);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _w = AbortOnDrop(writer.abort_handle());
+        let slots = Arc::new(Semaphore::new(256));
+        loop {
+            let mut hdr = [0u8; Frame::LEN];
+            rd.read_exact(&mut hdr)
+                .await
+                .map_err(|e| format!("primary connection closed: {e}"))?;
+            let f = Frame::decode(&hdr).ok_or("bad frame magic")?;
+            let payload_len = if f.has_payload() { f.len } else { 0 };
+            if payload_len > MAX_FRAME_PAYLOAD {
+                return Err(format!("frame payload {payload_len} too large"));
+            }
+            let mut payload = vec![0u8; payload_len as usize];
+            rd.read_exact(&mut payload)
+                .await
+                .map_err(|e| format!("primary connection closed: {e}"))?;
+            if self.role() != Role::Secondary || self.replica.meta().epoch != epoch {
+                return Err("a newer primary took over; closing".into());
+            }
+            let permit = slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| "closed".to_string())?;
+            let me = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (status, body) = match me.execute_frame(f, payload).await {
+                    Ok(b) => (0, b),
+                    Err(e) => (e.errno, e.message.into_bytes()),
+                };
+                let mut out = Frame {
+                    kind: K_REPLY,
+                    flags: 0,
+                    id: f.id,
+                    offset: f.offset,
+                    len: body.len() as u32,
+                    aux: status,
+                }
+                .encode()
+                .to_vec();
+                out.extend_from_slice(&body);
+                let _ = tx.send(out).await;
+                drop(permit);
+            });
+        }
+    }
+
+    async fn execute_frame(&self, f: Frame, payload: Vec<u8>) -> Result<Vec<u8>, IoError> {
+        let durable = f.flags & F_DURABLE != 0;
+        match f.kind {
+            K_WRITE => {
+                if !region::in_bounds(f.offset, payload.len() as u64, self.size) {
+                    return Err(IoError::new(EINVAL, "write outside the volume"));
+                }
+                let off = f.offset;
+                self.blocking(move |r| {
+                    r.write_at(&payload, off)?;
+                    if durable {
+                        r.sync_data()?;
+                    }
+                    Ok(Vec::new())
+                })
+                .await
+            }
+            K_ZERO => {
+                let (off, len) = (f.offset, f.len as u64);
+                if !region::in_bounds(off, len, self.size) {
+                    return Err(IoError::new(EINVAL, "range outside the volume"));
+                }
+                self.blocking(move |r| {
+                    r.write_zeroes(off, len)?;
+                    if durable {
+                        r.sync_data()?;
+                    }
+                    Ok(Vec::new())
+                })
+                .await
+            }
+            K_FLUSH => self.blocking(|r| r.sync_data().map(|_| Vec::new())).await,
+            K_PING => Ok(Vec::new()),
+            K_VERIFY => {
+                let idx = f.offset;
+                if idx >= self.replica.region_count() {
+                    return Err(IoError::new(EINVAL, "no such region"));
+                }
+                self.blocking(move |r| r.hash_region(idx).map(|h| h.to_vec()))
+                    .await
+            }
+            K_RESYNC_DONE => {
+                let Ok(cur) = <[u8; 8]>::try_from(&payload[..]) else {
+                    return Err(IoError::new(EINVAL, "RESYNC_DONE carries 8 bytes"));
+                };
+                let cur = u64::from_be_bytes(cur);
+                if cur == 0 {
+                    return Err(IoError::new(EINVAL, "generation 0 is reserved"));
+                }
+                self.blocking(move |r| {
+                    r.sync_data()?;
+                    r.update_meta(|m| {
+                        m.gen.resync_finished_as_target(cur);
+                        m.consistent = true;
+                        m.decision = None;
+                    })?;
+                    r.clear_all_dirty()?;
+                    Ok(Vec::new())
+                })
+                .await
+            }
+            _ => Err(IoError::new(EINVAL, format!("unknown frame kind {}", f.kind))),
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Malformed and hostile input: the NBD server answers with the protocol's
+//! error or closes the connection — never panics, never writes outside the
+//! volume — and the replication listener refuses strangers and stale
+//! primaries.
+
+mod common;
+use common::*;
+use pairvisor_mirror::nbd::client::{ClientError, NbdClient};
+use pairvisor_mirror::nbd::proto::*;
+use serde_json::json;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const MIB: u64 = 1 << 20;
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads the server greeting (18 bytes) and sends client flags.
+fn greet(s: &mut TcpStream, cflags: u32) {
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[0..8], &NBDMAGIC.to_be_bytes());
+    assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
+    s.write_all(&cflags.to_be_bytes()).unwrap();
+}
+
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0) | Err(_))
+}
+
+fn send_opt(s: &mut TcpStream, opt: u32, data: &[u8]) {
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&opt.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    s.write_all(&v).unwrap();
+}
+
+fn read_opt_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[0..8], &REPLY_MAGIC_OPT.to_be_bytes());
+    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+    let rep = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
+    let mut d = vec![0u8; len as usize];
+    s.read_exact(&mut d).unwrap();
+    (opt, rep, d)
+}
+
+#[test]
+fn handshake_abuse_closes_or_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "a", 8 * MIB);
+    let p = n.start("primary", 1);
+    let addr = n.nbd_addr();
+
+    // Unknown client flags: closed.
+    let mut s = connect(&addr);
+    greet(&mut s, 0xffff_0000);
+    assert!(closed(&mut s));
+
+    // Bad option magic: closed.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
+    s.write_all(&[0x42; 16]).unwrap();
+    assert!(closed(&mut s));
+
+    // Huge option length: closed without trying to read 4 GiB.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
+    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+    v.extend_from_slice(&OPT_GO.to_be_bytes());
+    v.extend_from_slice(&u32::MAX.to_be_bytes());
+    s.write_all(&v).unwrap();
+    assert!(closed(&mut s));
+
+    // Unknown option, malformed GO, unknown export: error replies, and the
+    // session goes on.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
+    send_opt(&mut s, 4242, b"junk");
+    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_UNSUP);
+    send_opt(&mut s, OPT_GO, &[0xff, 0xff, 0xff, 0xff, 1]);
+    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_INVALID);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"nope");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    send_opt(&mut s, OPT_GO, &go);
+    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_UNKNOWN);
+    send_opt(&mut s, OPT_SET_META_CONTEXT, &[0; 8]);
+    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_INVALID, "meta before structured");
+    send_opt(&mut s, OPT_STARTTLS, &[]);
+    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_POLICY);
+    send_opt(&mut s, OPT_LIST, &[]);
+    let (_, rep, data) = read_opt_reply(&mut s);
+    assert_eq!(rep, REP_SERVER);
+    assert_eq!(&data[4..], b"vol");
+    assert_eq!(read_opt_reply(&mut s).1, REP_ACK);
+    send_opt(&mut s, OPT_ABORT, &[]);
+    assert_eq!(read_opt_reply(&mut s).1, REP_ACK);
+
+    // Old-style NBD_OPT_EXPORT_NAME with the wrong name: closed.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
+    send_opt(&mut s, OPT_EXPORT_NAME, b"wrong");
+    assert!(closed(&mut s));
+
+    // ... and with the right one, the server sends size and flags.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    send_opt(&mut s, OPT_EXPORT_NAME, b"vol");
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(u64::from_be_bytes(r[0..8].try_into().unwrap()), 8 * MIB);
+    drop(p);
+}
+
+#[test]
+fn transmission_abuse() {
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "a", 8 * MIB);
+    let p = n.start("primary", 1);
+    let addr = n.nbd_addr();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = NbdClient::connect_tcp(&addr, "vol").await.unwrap();
+        let errno = |r: Result<Vec<u8>, ClientError>| match r {
+            Err(ClientError::Server(e)) => e,
+            other => panic!("expected an error reply, got {other:?}"),
+        };
+        // Out of range and overflowing ranges.
+        assert_eq!(errno(c.read(8 * MIB, 1).await), EINVAL);
+        assert_eq!(errno(c.read(u64::MAX - 10, 4096).await), EINVAL);
+        assert!(matches!(c.write(8 * MIB - 10, &[1u8; 20], false).await, Err(ClientError::Server(ENOSPC))));
+        assert!(matches!(c.write(u64::MAX - 4, &[1u8; 20], true).await, Err(ClientError::Server(ENOSPC))));
+        assert_eq!(errno(c.raw(CMD_TRIM, 0, 8 * MIB - 1, 2).await), ENOSPC);
+        assert_eq!(errno(c.raw(CMD_WRITE_ZEROES, 0, u64::MAX, 1).await), ENOSPC);
+        // Oversized read, unknown command, unknown flags, block status
+        // without a negotiated context.
+        assert_eq!(errno(c.read(0, u32::MAX).await), EINVAL);
+        assert_eq!(errno(c.raw(99, 0, 0, 0).await), EINVAL);
+        assert_eq!(errno(c.raw(CMD_READ, 0x8000, 0, 0).await), EINVAL);
+        assert_eq!(errno(c.raw(CMD_BLOCK_STATUS, 0, 0, 4096).await), EINVAL);
+        // The connection still works.
+        c.write(0, &[7u8; 4096], true).await.unwrap();
+        assert_eq!(c.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    });
+    // A write announcing a huge payload closes the connection.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    send_opt(&mut s, OPT_EXPORT_NAME, b"vol");
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).unwrap();
+    let hdr = Request { flags: 0, kind: CMD_WRITE, cookie: 1, offset: 0, length: u32::MAX }.encode();
+    s.write_all(&hdr).unwrap();
+    assert!(closed(&mut s));
+    // Bad request magic closes it too.
+    let mut s = connect(&addr);
+    greet(&mut s, FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES);
+    send_opt(&mut s, OPT_EXPORT_NAME, b"vol");
+    s.read_exact(&mut r).unwrap();
+    s.write_all(&[0xee; 28]).unwrap();
+    assert!(closed(&mut s));
+    // Random garbage at every stage never kills the server.
+    for seed in 0..50u64 {
+        let mut s = connect(&addr);
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let junk: Vec<u8> = (0..200)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let _ = s.write_all(&junk);
+    }
+    // Nothing was written outside the volume, and the server is alive.
+    assert_eq!(std::fs::metadata(n.dir.join("data.raw")).unwrap().len(), 8 * MIB);
+    rt.block_on(async {
+        let c = NbdClient::connect_tcp(&addr, "vol").await.unwrap();
+        assert_eq!(c.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
+    });
+    assert_eq!(p.status()["role"], "primary");
+}
+
+#[test]
+fn replication_refuses_strangers() {
+    let d = tempfile::tempdir().unwrap();
+    let b = Node::new(d.path(), "b", 8 * MIB);
+    let pb = b.start("secondary", 0);
+    let before = std::fs::read(b.dir.join("meta.json")).unwrap();
+
+    // Garbage instead of a hello.
+    let mut s = connect(&b.repl_addr());
+    let mut g = [0u8; 44];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(&g[0..8], b"PVMIRROR");
+    s.write_all(&[0xff; 64]).unwrap();
+    assert!(closed(&mut s));
+
+    // A well-formed hello with a wrong MAC and a huge epoch.
+    let mut s = connect(&b.repl_addr());
+    s.read_exact(&mut g).unwrap();
+    let hello = serde_json::to_vec(&json!({"volume_id":"vol","size":8*MIB,"region_size":MIB,"epoch":999})).unwrap();
+    let mut m = (hello.len() as u32).to_be_bytes().to_vec();
+    m.extend_from_slice(&hello);
+    m.extend_from_slice(&[0u8; 64]);
+    s.write_all(&m).unwrap();
+    assert!(closed(&mut s));
+    assert_eq!(std::fs::read(b.dir.join("meta.json")).unwrap(), before, "stranger changed the replica");
+
+    // A primary with the wrong secret is refused as well, and refuses in turn.
+    let mut a = Node::new(d.path(), "a", 8 * MIB);
+    a.secret = d.path().join("other-secret");
+    std::fs::write(&a.secret, b"not the unit secret").unwrap();
+    a.partner = Some(b.repl_addr());
+    let pa = a.start("primary", 1);
+    wait_until("auth failure reported", Duration::from_secs(10), || {
+        let s = pa.status();
+        s["link"]["last_error"].as_str().map(|e| e.to_string())
+    });
+    assert_eq!(pa.link_state(), "connecting");
+    assert_eq!(std::fs::read(b.dir.join("meta.json")).unwrap(), before);
+    assert_eq!(pb.link_state(), "waiting");
+}
+
+#[test]
+fn stale_epoch_is_rejected() {
+    let d = tempfile::tempdir().unwrap();
+    let mut a = Node::new(d.path(), "a", 8 * MIB);
+    let b = Node::new(d.path(), "b", 8 * MIB);
+    let c0 = Node::new(d.path(), "c", 8 * MIB);
+    a.partner = Some(b.repl_addr());
+    let pb = b.start("secondary", 0);
+    let pa = a.start("primary", 5);
+    pa.wait_link("in_sync", Duration::from_secs(20));
+    assert_eq!(pb.status()["epoch"], 5);
+    drop(pa);
+    // A stale primary (epoch 3) cannot replicate into b.
+    let mut c = c0.clone();
+    c.partner = Some(b.repl_addr());
+    let pc = c.start("primary", 3);
+    let err = wait_until("stale epoch refusal", Duration::from_secs(10), || {
+        pc.status()["link"]["last_error"]
+            .as_str()
+            .filter(|e| e.contains("stale epoch"))
+            .map(|e| e.to_string())
+    });
+    assert!(err.contains("seen epoch 5"), "{err}");
+    // Promotion with a stale epoch is refused on b too.
+    let r = pb.ctl(json!({"cmd":"promote","epoch":4}));
+    assert_eq!(r["ok"], false);
+    assert!(r["error"].as_str().unwrap().contains("stale"), "{r}");
+}
