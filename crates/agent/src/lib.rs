@@ -11,11 +11,13 @@
 //! that take the lock again for each transition), and a single writer keeps
 //! the store and the set of QEMU processes consistent.
 
+mod alerts;
 mod error;
 mod paths;
 mod storage;
 mod types;
 
+pub use alerts::Severity;
 pub use error::{AgentError, Result};
 pub use paths::Paths;
 pub use types::*;
@@ -72,6 +74,10 @@ struct Running {
     /// The guest itself powered off (SHUTDOWN event with guest=true).
     guest_shutdown: StdMutex<bool>,
     health: StdMutex<GuestHealth>,
+    /// Since when the instance check has been failing (V7).
+    failing_since: StdMutex<Option<u64>>,
+    /// Why we killed it, when we kill it as a crash (unresponsive guest).
+    crash_reason: StdMutex<Option<String>>,
     /// Distinguishes this process from a later one of the same VM, so that a
     /// stale monitor does not act on its successor.
     generation: u64,
@@ -452,6 +458,7 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_dir_all(self.inner.paths.vm_run_dir(&rec.id));
+        self.clear_alerts_about(&format!("vm/{name}"));
         self.emit(name, VmState::Stopped, "VM removed");
         Ok(())
     }
@@ -609,6 +616,8 @@ impl Agent {
         )?;
         rec.mtbf.reset();
         rec.last_crash = None;
+        self.clear_alert("vm_critical", &format!("vm/{name}"));
+        self.clear_alert("vm_crashed", &format!("vm/{name}"));
         self.launch(&mut rec, &settings, false).await?;
         self.set_state(&mut rec, VmEvent::Launched, "reset device: VM restarted")?;
         Ok(self.view(&rec, &settings))
@@ -878,6 +887,8 @@ impl Agent {
                 system_ok: true,
                 ..Default::default()
             }),
+            failing_since: StdMutex::new(None),
+            crash_reason: StdMutex::new(None),
             generation,
         });
         if let Ok(mut m) = self.inner.running.lock() {
@@ -946,7 +957,12 @@ impl Agent {
     async fn instance_check(&self, name: &str, run: &Arc<Running>, launched: u64) {
         let Ok(rec) = self.load_vm(name) else { return };
         let settings = self.settings().unwrap_or_default();
-        let status = run.qemu.status().await;
+        // Bounded: a hung QEMU must not hang its monitor.
+        let bound = Duration::from_secs(2);
+        let status = match tokio::time::timeout(bound, run.qemu.status()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("QMP did not answer".to_string()),
+        };
         let answered = match rec.instance_check {
             pairvisor_store::InstanceCheck::Agent => Some(
                 run.qemu
@@ -959,15 +975,19 @@ impl Agent {
         // V8: which virtio devices the guest drives. Only meaningful once the
         // guest has had time to load its drivers.
         let paravirtual = if rec.state == VmState::Running {
-            run.qemu.query_virtio_drivers().await.ok().map(|devs| {
-                devs.into_iter()
-                    .map(|d| ParavirtualDevice {
-                        device: d.device_id.unwrap_or(d.path),
-                        kind: d.name,
-                        driver_ok: d.driver_ok,
-                    })
-                    .collect::<Vec<_>>()
-            })
+            tokio::time::timeout(bound, run.qemu.query_virtio_drivers())
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .map(|devs| {
+                    devs.into_iter()
+                        .map(|d| ParavirtualDevice {
+                            device: d.device_id.unwrap_or(d.path),
+                            kind: d.name,
+                            driver_ok: d.driver_ok,
+                        })
+                        .collect::<Vec<_>>()
+                })
         } else {
             None
         };
@@ -985,6 +1005,9 @@ impl Agent {
                 h.last_answer = Some(now());
             }
         }
+        if rec.state == VmState::Running {
+            self.judge_instance_check(&rec.name, run, answered, &settings);
+        }
         let up = match answered {
             Some(a) => a,
             None => now().saturating_sub(launched) >= settings.boot_grace_secs,
@@ -999,6 +1022,55 @@ impl Agent {
                     let _ = self.set_state(&mut rec, VmEvent::GuestUp, "guest is up");
                 }
             }
+        }
+    }
+
+    /// V7: a running guest that stops answering raises an alert; with the
+    /// restart policy on, it is treated as a crash after the configured time.
+    fn judge_instance_check(
+        &self,
+        name: &str,
+        run: &Arc<Running>,
+        answered: Option<bool>,
+        settings: &Settings,
+    ) {
+        let subject = format!("vm/{name}");
+        let mut since = run.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        match answered {
+            Some(false) => {
+                let start = *since.get_or_insert(now());
+                let failing = now().saturating_sub(start);
+                // Three missed checks before alerting: one slow answer is noise.
+                if failing >= 3 * settings.instance_check_interval_secs {
+                    self.raise_alert(
+                        "guest_unresponsive",
+                        &subject,
+                        Severity::Warning,
+                        format!("VM '{name}' runs but its guest has not answered for {failing} s"),
+                        "Open the VM's console to see why; dump its memory if it is hung, or \
+                         restart it",
+                    );
+                }
+                let policy = settings.unresponsive_restart_secs;
+                let already = run
+                    .crash_reason
+                    .lock()
+                    .map(|r| r.is_some())
+                    .unwrap_or(false);
+                if policy > 0 && failing >= policy && !already {
+                    *run.crash_reason.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                        "guest stopped answering its instance check for {failing} s"
+                    ));
+                    let _ = run.qemu.kill();
+                }
+            }
+            Some(true) => {
+                let was_failing = since.take().is_some();
+                if was_failing {
+                    self.clear_alert("guest_unresponsive", &subject);
+                }
+            }
+            None => {}
         }
     }
 
@@ -1029,9 +1101,15 @@ impl Agent {
             let _ = self.set_state(&mut rec, VmEvent::Stopped, msg);
             return;
         }
+        let killed_for = run
+            .crash_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let reason = panic
-            .unwrap_or("QEMU process exited unexpectedly")
-            .to_string();
+            .map(str::to_string)
+            .or(killed_for)
+            .unwrap_or_else(|| "QEMU process exited unexpectedly".to_string());
         if panic.is_some() {
             stop_process(&run.qemu).await;
         }
@@ -1058,10 +1136,43 @@ impl Agent {
             warn!(vm = %rec.name, "cannot record crash: {e}");
             return;
         }
-        if !critical {
-            if let Err(e) = self.relaunch(rec, "restarted after crash").await {
-                warn!(vm = %rec.name, "restart after crash failed: {e}");
-            }
+        let subject = format!("vm/{}", rec.name);
+        self.clear_alert("guest_unresponsive", &subject);
+        if critical {
+            self.clear_alert("vm_crashed", &subject);
+            self.raise_alert(
+                "vm_critical",
+                &subject,
+                Severity::Critical,
+                msg,
+                "Read the VM's console log and last crash reason, fix the cause, then use Reset \
+                 Device to start it again",
+            );
+            return;
+        }
+        self.raise_alert(
+            "vm_crashed",
+            &subject,
+            Severity::Warning,
+            format!(
+                "VM '{}' crashed ({reason}) and was restarted automatically",
+                rec.name
+            ),
+            "Check the VM's console log; acknowledge this alert once understood",
+        );
+        if let Err(e) = self.relaunch(rec, "restarted after crash").await {
+            warn!(vm = %rec.name, "restart after crash failed: {e}");
+            // A VM that cannot even be launched stays down instead of
+            // being retried forever.
+            rec.last_crash = Some(format!("restart failed: {e}"));
+            let _ = self.set_state(rec, VmEvent::Crashed { critical: true }, "restart failed");
+            self.raise_alert(
+                "vm_critical",
+                &subject,
+                Severity::Critical,
+                format!("VM '{}' crashed and could not be restarted: {e}", rec.name),
+                "Fix the cause shown, then use Reset Device",
+            );
         }
     }
 

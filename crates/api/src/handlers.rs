@@ -573,6 +573,9 @@ pub struct SettingsPatch {
     pub instance_check_interval_secs: Option<u64>,
     /// IANA time zone name for the console (e.g. `Europe/Paris`).
     pub timezone: Option<String>,
+    /// Restart a running guest whose instance check has failed this many
+    /// seconds (0: never; 10..=86400 otherwise).
+    pub unresponsive_restart_secs: Option<u64>,
 }
 
 fn settings_view(s: &Settings) -> SettingsPatch {
@@ -589,6 +592,7 @@ fn settings_view(s: &Settings) -> SettingsPatch {
         boot_grace_secs: Some(s.boot_grace_secs),
         instance_check_interval_secs: Some(s.instance_check_interval_secs),
         timezone: Some(s.timezone.clone()),
+        unresponsive_restart_secs: Some(s.unresponsive_restart_secs),
     }
 }
 
@@ -678,6 +682,13 @@ pub async fn update_settings(
             }
             s.timezone = tz.clone();
         }
+        if let Some(v) = p.unresponsive_restart_secs {
+            s.unresponsive_restart_secs = if v == 0 {
+                0
+            } else {
+                in_range("unresponsive_restart_secs", v, 10, 86_400)?
+            };
+        }
         tx.put_settings(&s)?;
         Ok(s)
     })?;
@@ -701,6 +712,63 @@ pub async fn audit(
     Ok(axum::Json(
         st.agent.store().audit(q.limit.unwrap_or(100).min(10_000))?,
     ))
+}
+
+/// An active alert.
+#[derive(Serialize, ToSchema)]
+pub struct AlertView {
+    /// `kind:subject`.
+    pub id: String,
+    /// What happened (`vm_crashed`, `vm_critical`, `guest_unresponsive`).
+    pub kind: String,
+    /// `critical` or `warning`.
+    pub severity: String,
+    /// The object (`vm/web`).
+    pub subject: String,
+    /// What happened.
+    pub message: String,
+    /// What to do.
+    pub action: String,
+    /// First raised (seconds since the epoch).
+    pub raised_at: u64,
+    /// Last raised.
+    pub updated_at: u64,
+    /// Times raised.
+    pub count: u32,
+}
+
+/// Active alerts, critical first.
+#[utoipa::path(get, path = "/api/v1/alerts", responses((status = 200, body = Vec<AlertView>)))]
+pub async fn list_alerts(State(st): State<AppState>, _: Caller) -> ApiResult<axum::Json<Vec<AlertView>>> {
+    Ok(axum::Json(
+        st.agent
+            .list_alerts()?
+            .into_iter()
+            .map(|a| AlertView {
+                id: a.id,
+                kind: a.kind,
+                severity: a.severity,
+                subject: a.subject,
+                message: a.message,
+                action: a.action,
+                raised_at: a.raised_at,
+                updated_at: a.updated_at,
+                count: a.count,
+            })
+            .collect(),
+    ))
+}
+
+/// Acknowledge (remove) an alert.
+#[utoipa::path(delete, path = "/api/v1/alerts/{id}", params(("id" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn acknowledge_alert(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    st.agent.acknowledge_alert(&id)?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// This PM: resources, capacity left for VMs, warnings.

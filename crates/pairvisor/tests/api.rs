@@ -732,6 +732,8 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("PATCH", "/settings", "administrator"),
     ("GET", "/audit", "read_only"),
     ("GET", "/pm", "read_only"),
+    ("GET", "/alerts", "read_only"),
+    ("DELETE", "/alerts/{id}", "operator"),
 ];
 
 fn rank(role: &str) -> u8 {
@@ -793,7 +795,7 @@ fn roles_are_enforced_on_every_route_and_requests_are_audited() {
     assert_eq!(documented, table, "ROUTES must list every documented route");
 
     for (method, path, min) in ROUTES {
-        let concrete = path.replace("{name}", "nope");
+        let concrete = path.replace("{name}", "nope").replace("{id}", "nope");
         // Without a token: 401 everywhere.
         let (s, v) = d.call_as(None, method, &concrete, Some(json!({})));
         assert_eq!(

@@ -129,6 +129,12 @@ fn crash_restarts_then_critical_then_reset_device() {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(vm["last_crash"], "guest kernel panicked");
+    let alerts = d.ok("GET", "/alerts", None);
+    assert_eq!(alerts[0]["id"], "vm_crashed:vm/db", "{alerts:#}");
+    assert!(alerts[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("guest kernel panicked"));
     let pid2 = vm["pid"].as_i64().unwrap();
     assert_ne!(pid1, pid2, "a new QEMU process");
     assert!(!pid_alive(pid1));
@@ -142,6 +148,20 @@ fn crash_restarts_then_critical_then_reset_device() {
     assert_eq!(vm["last_crash"], "QEMU process exited unexpectedly");
     assert_eq!(vm["allowed_operations"], json!(["reset device"]));
     assert_eq!(vm["activity"], "crashed");
+    let alerts = d.ok("GET", "/alerts", None);
+    assert_eq!(
+        alerts.as_array().unwrap().len(),
+        1,
+        "critical replaces crashed: {alerts:#}"
+    );
+    assert_eq!(
+        (alerts[0]["id"].as_str(), alerts[0]["severity"].as_str()),
+        (Some("vm_critical:vm/db"), Some("critical"))
+    );
+    assert!(alerts[0]["action"]
+        .as_str()
+        .unwrap()
+        .contains("Reset Device"));
     // Stays down.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(d.vm("db")["state"], "critical");
@@ -153,6 +173,11 @@ fn crash_restarts_then_critical_then_reset_device() {
     assert_eq!(v["state"], "booting");
     let vm = d.wait_state("db", "running", BOOT);
     assert_eq!(vm["recent_crashes"], 0);
+    assert_eq!(
+        d.ok("GET", "/alerts", None),
+        json!([]),
+        "reset device clears the alerts"
+    );
     d.ok("POST", "/vms/db/poweroff", None);
 }
 
@@ -426,4 +451,78 @@ fn paravirtual_drivers_are_detected() {
     assert!(!warnings.contains("VM 'pv'"), "{warnings}");
     d.ok("POST", "/vms/pv/poweroff", None);
     d.ok("POST", "/vms/bare/poweroff", None);
+}
+
+/// V7: a hung VM (its QEMU stopped with SIGSTOP: neither QMP nor the guest
+/// answers) raises an alert, and with the restart policy on it is restarted
+/// as a crash.
+#[test]
+fn unresponsive_guest_raises_an_alert_and_the_policy_restarts_it() {
+    let d = Daemon::start();
+    d.ok(
+        "PATCH",
+        "/settings",
+        Some(json!({"unresponsive_restart_secs": 10})),
+    );
+    d.ok("POST", "/vms", Some(d.guest_vm("hang")));
+    d.ok("POST", "/vms/hang/start", None);
+    let vm = d.wait_state("hang", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+    // SAFETY: kill(2) with SIGSTOP on the QEMU pid the daemon reported.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGSTOP);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let alerts = d.ok("GET", "/alerts", None);
+        if alerts.to_string().contains("guest_unresponsive:vm/hang") {
+            let vm = d.vm("hang");
+            assert_eq!(
+                vm["state"], "running",
+                "the process still exists: running, not answering"
+            );
+            assert_eq!(vm["health"]["instance_ok"], false);
+            assert_eq!(
+                vm["health"]["system_ok"], false,
+                "QMP does not answer either"
+            );
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert: {alerts:#}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // The policy kills and restarts it.
+    let deadline = std::time::Instant::now() + BOOT;
+    let vm = loop {
+        let vm = d.vm("hang");
+        if vm["recent_crashes"] == 1 && vm["state"] == "running" {
+            break vm;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted: {vm:#}\nLOG {} BYTES:\n{}",
+            d.log().len(),
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(
+        vm["last_crash"]
+            .as_str()
+            .unwrap()
+            .starts_with("guest stopped answering"),
+        "{vm:#}\n{}",
+        d.log()
+    );
+    assert_ne!(vm["pid"].as_i64().unwrap(), pid);
+    let alerts = d.ok("GET", "/alerts", None).to_string();
+    assert!(
+        !alerts.contains("guest_unresponsive") && alerts.contains("vm_crashed:vm/hang"),
+        "{alerts}"
+    );
+    // Acknowledge it (operator action).
+    let (s, _) = d.call("DELETE", "/alerts/vm_crashed:vm%2Fhang", None);
+    assert_eq!(s, 204);
+    assert_eq!(d.ok("GET", "/alerts", None), json!([]));
+    d.ok("POST", "/vms/hang/poweroff", None);
 }

@@ -168,6 +168,7 @@ impl Store {
                 StorageGroupRecord::TABLE,
                 UserRecord::TABLE,
                 TokenRecord::TABLE,
+                AlertRecord::TABLE,
                 META,
             ] {
                 tx.txn.open_table(table(name))?;

@@ -236,6 +236,37 @@ pub struct AuditRecord {
     pub result: String,
 }
 
+/// An active alert: something the administrator should act on (SPEC A1, V6,
+/// V7). Keyed by `kind:subject`, so raising the same alert again updates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    /// `kind:subject`, e.g. `vm_critical:vm/web`.
+    pub id: String,
+    /// What happened (`vm_crashed`, `vm_critical`, `guest_unresponsive`, ...).
+    pub kind: String,
+    /// `critical` or `warning`.
+    pub severity: String,
+    /// The object concerned (`vm/web`).
+    pub subject: String,
+    /// What happened, for people.
+    pub message: String,
+    /// What the administrator should do.
+    pub action: String,
+    /// First raised, seconds since the epoch.
+    pub raised_at: u64,
+    /// Last raised again.
+    pub updated_at: u64,
+    /// How many times it was raised.
+    pub count: u32,
+}
+
+impl Record for AlertRecord {
+    const TABLE: &'static str = "alerts";
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
 /// PM- and unit-wide settings (SPEC U9, V6, A6).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -259,6 +290,9 @@ pub struct Settings {
     pub instance_check_interval_secs: u64,
     /// Time zone shown in the console (IANA name).
     pub timezone: String,
+    /// V7 policy: restart a running guest whose instance check has failed
+    /// for this many seconds (0: never; the alert is raised either way).
+    pub unresponsive_restart_secs: u64,
 }
 
 impl Default for Settings {
@@ -273,6 +307,7 @@ impl Default for Settings {
             boot_grace_secs: 30,
             instance_check_interval_secs: 5,
             timezone: "UTC".into(),
+            unresponsive_restart_secs: 0,
         }
     }
 }
