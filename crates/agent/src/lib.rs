@@ -179,14 +179,23 @@ impl Agent {
         self.inner.running.lock().ok()?.get(vm).cloned()
     }
 
-    fn load_vm(&self, name: &str) -> Result<VmRecord> {
+    /// Loads a record of any kind, or a not-found error naming its kind.
+    pub(crate) fn load<T: pairvisor_store::Record>(
+        &self,
+        kind: &'static str,
+        name: &str,
+    ) -> Result<T> {
         self.inner
             .store
-            .get::<VmRecord>(name)?
+            .get::<T>(name)?
             .ok_or_else(|| AgentError::NotFound {
-                kind: "VM",
+                kind,
                 name: name.to_string(),
             })
+    }
+
+    fn load_vm(&self, name: &str) -> Result<VmRecord> {
+        self.load("VM", name)
     }
 
     fn save_vm(&self, rec: &VmRecord) -> Result<()> {
@@ -1304,15 +1313,8 @@ fn list_or_none(v: &[String]) -> String {
     }
 }
 
-/// Loads a VCD record or a not-found error.
 impl Agent {
     fn load_vcd(&self, name: &str) -> Result<VcdRecord> {
-        self.inner
-            .store
-            .get::<VcdRecord>(name)?
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "VCD",
-                name: name.to_string(),
-            })
+        self.load("VCD", name)
     }
 }

@@ -68,12 +68,7 @@ impl Agent {
     }
 
     fn load_group(&self, name: &str) -> Result<StorageGroupRecord> {
-        self.store()
-            .get::<StorageGroupRecord>(name)?
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "storage group",
-                name: name.to_string(),
-            })
+        self.load("storage group", name)
     }
 
     pub(crate) fn volume_and_vcd_count(&self) -> Result<usize> {
@@ -382,13 +377,7 @@ impl Agent {
     /// Deletes an unattached volume and its data.
     pub async fn delete_volume(&self, volume: &str) -> Result<()> {
         let _g = self.inner.ops.lock().await;
-        let v = self
-            .store()
-            .get::<VolumeRecord>(volume)?
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "volume",
-                name: volume.to_string(),
-            })?;
+        let v: VolumeRecord = self.load("volume", volume)?;
         if let Some(vm) = &v.vm {
             let rec = self.store().get::<VmRecord>(vm)?;
             let what = if rec.is_some_and(|r| r.boot_volume == v.name) {

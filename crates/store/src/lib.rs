@@ -89,6 +89,29 @@ fn decode<T: DeserializeOwned>(
     })
 }
 
+fn get_in<T: Record>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let found = t.get(key)?;
+    let r = match found {
+        Some(v) => Some(decode(T::TABLE, key, v.value())?),
+        None => None,
+    };
+    Ok(r)
+}
+
+fn list_in<T: Record>(
+    t: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for item in t.iter()? {
+        let (k, v) = item?;
+        out.push(decode(T::TABLE, k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own plain data types cannot fail.
     serde_json::to_vec(value).unwrap_or_default()
@@ -97,13 +120,7 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 impl Tx<'_> {
     /// Reads one record.
     pub fn get<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let t = self.txn.open_table(table(T::TABLE))?;
-        let found = t.get(key)?;
-        let r = match found {
-            Some(v) => Some(decode(T::TABLE, key, v.value())?),
-            None => None,
-        };
-        Ok(r)
+        get_in(&self.txn.open_table(table(T::TABLE))?, key)
     }
 
     /// Inserts or replaces a record.
@@ -122,13 +139,7 @@ impl Tx<'_> {
 
     /// All records of a kind, ordered by key.
     pub fn list<T: Record>(&self) -> Result<Vec<T>, StoreError> {
-        let t = self.txn.open_table(table(T::TABLE))?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push(decode(T::TABLE, k.value(), v.value())?);
-        }
-        Ok(out)
+        list_in(&self.txn.open_table(table(T::TABLE))?)
     }
 
     /// Reads the settings (defaults if never written).
@@ -202,23 +213,13 @@ impl Store {
     /// Reads one record outside a write transaction.
     pub fn get<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(table(T::TABLE))?;
-        match t.get(key)? {
-            Some(v) => Ok(Some(decode(T::TABLE, key, v.value())?)),
-            None => Ok(None),
-        }
+        get_in(&txn.open_table(table(T::TABLE))?, key)
     }
 
     /// All records of a kind, ordered by key.
     pub fn list<T: Record>(&self) -> Result<Vec<T>, StoreError> {
         let txn = self.db.begin_read()?;
-        let t = txn.open_table(table(T::TABLE))?;
-        let mut out = Vec::new();
-        for item in t.iter()? {
-            let (k, v) = item?;
-            out.push(decode(T::TABLE, k.value(), v.value())?);
-        }
-        Ok(out)
+        list_in(&txn.open_table(table(T::TABLE))?)
     }
 
     /// The settings (defaults if never written).
