@@ -4,3 +4,6 @@
 //! the replicated unit database (`pairvisor-unitdb`).
 
 pub mod health;
+pub mod service;
+
+pub use service::{PmAddresses, PmRecord, UnitConfig, UnitError, UnitService, UnitView};

@@ -81,11 +81,12 @@ impl Reach {
         self.voters.difference(&self.reachable).copied().collect()
     }
 
-    /// One sentence for an administrator: how many voters are reachable, how
-    /// many are needed, and which are missing.
+    /// For an administrator: how many voters this node reaches, how many are
+    /// needed, and which are missing ("reaches 1 of 3 voters, 2 needed; not
+    /// reachable: node 2, node 3").
     pub fn explain(&self) -> String {
         if self.voters.is_empty() {
-            return "this node is not a voter of any unit yet: initialize a unit here (unit init) or join one (unit join)".to_string();
+            return "is not a voter of any unit yet: initialize a unit here (unit init) or join one (unit join)".to_string();
         }
         let missing = self.missing();
         let missing_txt = if missing.is_empty() {
@@ -95,7 +96,7 @@ impl Reach {
             format!("; not reachable: {}", list.join(", "))
         };
         format!(
-            "this node reaches {} of {} voters, {} needed{}",
+            "reaches {} of {} voters, {} needed{}",
             self.reached(),
             self.voters.len(),
             self.needed(),
@@ -178,7 +179,12 @@ mod tests {
     #[test]
     fn precondition_table() {
         // (condition, current version, expected: Ok or (required, found))
-        let cases: Vec<(Precondition, Option<u64>, Result<(), (&str, &str)>)> = vec![
+        type Case = (
+            Precondition,
+            Option<u64>,
+            Result<(), (&'static str, &'static str)>,
+        );
+        let cases: Vec<Case> = vec![
             (absent(), None, Ok(())),
             (absent(), Some(3), Err(("absent", "version 3"))),
             (present(), Some(3), Ok(())),
@@ -241,7 +247,12 @@ mod tests {
         let set = |v: &[u64]| v.iter().copied().collect::<BTreeSet<_>>();
         // (voters, reachable, has majority, explanation contains)
         let cases = [
-            (&[1, 2, 3][..], &[1, 2, 3][..], true, "reaches 3 of 3 voters, 2 needed"),
+            (
+                &[1, 2, 3][..],
+                &[1, 2, 3][..],
+                true,
+                "reaches 3 of 3 voters, 2 needed",
+            ),
             (&[1, 2, 3], &[1, 3], true, "not reachable: node 2"),
             (
                 &[1, 2, 3],

@@ -8,8 +8,8 @@
 
 use crate::logic;
 use crate::types::{
-    Applied, Change, Entry, Event, LogId, NodeId, Op, Record, Snapshot, SnapshotMeta,
-    StorageError, StoredMembership, TypeConfig, Vote,
+    Applied, Change, Entry, Event, LogId, NodeId, Op, Record, Snapshot, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig, Vote,
 };
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
@@ -458,20 +458,23 @@ fn apply_entries(
             match entry.payload {
                 EntryPayload::Blank => replies.push(Applied::Internal { index }),
                 EntryPayload::Membership(m) => {
-                    put_json(&mut meta, MEMBERSHIP, &StoredMembership::new(Some(log_id), m))?;
+                    put_json(
+                        &mut meta,
+                        MEMBERSHIP,
+                        &StoredMembership::new(Some(log_id), m),
+                    )?;
                     replies.push(Applied::Internal { index });
                 }
                 EntryPayload::Normal(batch) => {
                     let mut lookup_err = None;
-                    let checked = logic::check_all(&batch.preconditions, |t, k| {
-                        match records.get((t, k)) {
+                    let checked =
+                        logic::check_all(&batch.preconditions, |t, k| match records.get((t, k)) {
                             Ok(v) => v.map(|g| record_version(g.value())),
                             Err(e) => {
                                 lookup_err = Some(e);
                                 None
                             }
-                        }
-                    });
+                        });
                     if let Some(e) = lookup_err {
                         return Err(e.into());
                     }
@@ -483,7 +486,10 @@ fn apply_entries(
                                 match op {
                                     Op::Put { table, key, value } => {
                                         let bytes = encode_record(index, &value)?;
-                                        records.insert((table.as_str(), key.as_str()), bytes.as_slice())?;
+                                        records.insert(
+                                            (table.as_str(), key.as_str()),
+                                            bytes.as_slice(),
+                                        )?;
                                         changes.push(Change {
                                             table,
                                             key,

@@ -11,8 +11,8 @@
 use crate::types::{NodeId, NodeRole};
 use base64::Engine;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SignatureAlgorithm,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -56,7 +56,9 @@ pub enum TlsError {
         dir: String,
     },
     /// This node holds no CA key and cannot issue certificates.
-    #[error("this node does not hold the unit CA key (only PMs do): create the join token on a PM")]
+    #[error(
+        "this node does not hold the unit CA key (only PMs do): create the join token on a PM"
+    )]
     NoCaKey,
     /// A join token does not parse.
     #[error("the join token is malformed (copy it again from 'unit join-token' on a PM)")]
@@ -121,7 +123,10 @@ fn ca_params(unit_name: &str) -> CertificateParams {
 fn node_params(unit_name: &str, id: NodeId) -> Result<CertificateParams, TlsError> {
     let mut p = CertificateParams::new(vec![node_name(id)])?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, format!("Pairvisor unit {unit_name}"));
+    dn.push(
+        DnType::OrganizationName,
+        format!("Pairvisor unit {unit_name}"),
+    );
     dn.push(DnType::CommonName, format!("pairvisor node {id}"));
     p.distinguished_name = dn;
     p.is_ca = IsCa::ExplicitNoCa;
@@ -181,7 +186,10 @@ impl UnitCa {
 
     /// The hex SHA-256 fingerprint of the CA certificate.
     pub fn fingerprint(&self) -> Result<String, TlsError> {
-        Ok(fingerprint(&pem_cert(&self.cert_pem, "the CA certificate")?))
+        Ok(fingerprint(&pem_cert(
+            &self.cert_pem,
+            "the CA certificate",
+        )?))
     }
 
     /// Signs a certificate for node `id` over `public_key` (raw P-256 point);
@@ -284,7 +292,10 @@ impl NodeIdentity {
 
     /// The hex SHA-256 fingerprint of the unit CA certificate.
     pub fn ca_fingerprint(&self) -> Result<String, TlsError> {
-        Ok(fingerprint(&pem_cert(&self.ca_cert_pem, "the CA certificate")?))
+        Ok(fingerprint(&pem_cert(
+            &self.ca_cert_pem,
+            "the CA certificate",
+        )?))
     }
 
     /// Builds an identity from a freshly generated key and the certificate a
@@ -453,10 +464,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
 
@@ -542,7 +555,10 @@ impl fmt::Display for JoinToken {
 impl std::str::FromStr for JoinToken {
     type Err = TlsError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let body = s.trim().strip_prefix(TOKEN_PREFIX).ok_or(TlsError::BadToken)?;
+        let body = s
+            .trim()
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(TlsError::BadToken)?;
         let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(body)
             .map_err(|_| TlsError::BadToken)?;
@@ -552,7 +568,9 @@ impl std::str::FromStr for JoinToken {
 
 /// Decodes a base64url secret.
 pub(crate) fn decode_b64(s: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
 }
 
 /// Encodes bytes as base64url.
@@ -611,7 +629,10 @@ mod tests {
     #[test]
     fn sign_node_rejects_bad_keys() {
         let ca = UnitCa::create("lab").unwrap();
-        assert!(matches!(ca.sign_node(2, &[1, 2, 3]), Err(TlsError::BadPublicKey)));
+        assert!(matches!(
+            ca.sign_node(2, &[1, 2, 3]),
+            Err(TlsError::BadPublicKey)
+        ));
         let (_, pk) = new_node_key().unwrap();
         let pem = ca.sign_node(2, &pk).unwrap();
         assert!(pem.contains("BEGIN CERTIFICATE"));
