@@ -45,7 +45,11 @@ fn main() {
     let mut list = Vec::new();
     walk(&assets, &mut list);
     for p in list {
-        let rel = p.strip_prefix(&assets).unwrap().to_string_lossy().replace('\\', "/");
+        let rel = p
+            .strip_prefix(&assets)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         if rel.ends_with(".swp") || rel.starts_with('.') || rel.contains("/.") {
             continue;
         }
@@ -66,24 +70,26 @@ fn main() {
         let mut list = Vec::new();
         walk(&novnc.join(sub), &mut list);
         for p in list {
-            let rel = p.strip_prefix(&novnc).unwrap().to_string_lossy().replace('\\', "/");
+            let rel = p
+                .strip_prefix(&novnc)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
             if !(rel.ends_with(".js") || rel.ends_with("LICENSE")) {
                 continue;
             }
             files.push((format!("/ui/novnc/{rel}"), p));
         }
     }
-    files.push((
-        "/ui/novnc/LICENSE.txt".into(),
-        novnc.join("LICENSE.txt"),
-    ));
+    files.push(("/ui/novnc/LICENSE.txt".into(), novnc.join("LICENSE.txt")));
 
     let mut code = String::from(
         "/// Embedded assets: (URL path, content, ETag).\n\
          pub static ASSETS: &[(&str, &[u8], &str)] = &[\n",
     );
     for (url, path) in &files {
-        let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let data =
+            std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         writeln!(
             code,
             "    ({url:?}, include_bytes!({:?}), \"\\\"{:016x}\\\"\"),",

@@ -739,7 +739,10 @@ pub struct AlertView {
 
 /// Active alerts, critical first.
 #[utoipa::path(get, path = "/api/v1/alerts", responses((status = 200, body = Vec<AlertView>)))]
-pub async fn list_alerts(State(st): State<AppState>, _: Caller) -> ApiResult<axum::Json<Vec<AlertView>>> {
+pub async fn list_alerts(
+    State(st): State<AppState>,
+    _: Caller,
+) -> ApiResult<axum::Json<Vec<AlertView>>> {
     Ok(axum::Json(
         st.agent
             .list_alerts()?

@@ -12,6 +12,8 @@
 pub mod auth;
 pub mod error;
 mod handlers;
+pub mod live;
+mod unit;
 
 use auth::AuthUser;
 use axum::extract::{FromRequest, MatchedPath, Request, State};
@@ -32,6 +34,8 @@ use utoipa::OpenApi;
 pub struct AppState {
     /// This PM's agent.
     pub agent: Agent,
+    /// Unit membership, when the daemon has a unit listener.
+    pub unit: Option<std::sync::Arc<pairvisor_unit::UnitService>>,
 }
 
 /// A JSON body whose rejections (malformed JSON, wrong types, unknown
@@ -69,7 +73,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         handlers::list_vcds, handlers::add_vcd, handlers::upload_vcd, handlers::remove_vcd,
         handlers::list_users, handlers::create_user, handlers::delete_user,
         handlers::get_settings, handlers::update_settings,
-        handlers::audit, handlers::pm,
+        handlers::audit, handlers::pm, handlers::list_alerts, handlers::acknowledge_alert,
+        unit::show, unit::init, unit::join_token, unit::join,
+        live::events, live::vnc,
     ),
     modifiers(&BearerAuth),
     security(("bearer" = []))
@@ -95,9 +101,10 @@ pub fn openapi_json() -> String {
 }
 
 /// Builds the router for `agent`.
-pub fn router(agent: Agent) -> Router {
+/// Builds the router for `agent` and, when enabled, the unit service.
+pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitService>>) -> Router {
     use handlers::*;
-    let state = AppState { agent };
+    let state = AppState { agent, unit };
     let api = Router::new()
         .route("/auth/logout", post(logout))
         .route("/auth/whoami", get(whoami))
@@ -124,6 +131,12 @@ pub fn router(agent: Agent) -> Router {
         .route("/settings", get(get_settings).patch(update_settings))
         .route("/audit", get(audit))
         .route("/pm", get(pm))
+        .route("/alerts", get(list_alerts))
+        .route("/unit", get(unit::show))
+        .route("/unit/init", post(unit::init))
+        .route("/unit/join-token", post(unit::join_token))
+        .route("/unit/join", post(unit::join))
+        .route("/alerts/{id}", axum::routing::delete(acknowledge_alert))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let public = Router::new().route("/auth/login", post(login)).route(
         "/openapi.json",
@@ -134,6 +147,8 @@ pub fn router(agent: Agent) -> Router {
             )
         }),
     );
+    // Live routes authenticate themselves (token also from query/cookie).
+    let public = public.merge(live::routes(state.clone()));
     Router::new()
         .nest("/api/v1", api.merge(public))
         .route("/health", get(|| async { "ok" }))
@@ -185,6 +200,14 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("PATCH", "/settings", Access::Administer),
     ("GET", "/audit", Access::Read),
     ("GET", "/pm", Access::Read),
+    ("GET", "/alerts", Access::Read),
+    ("GET", "/unit", Access::Read),
+    ("POST", "/unit/init", Access::Administer),
+    ("POST", "/unit/join-token", Access::Administer),
+    ("POST", "/unit/join", Access::Administer),
+    ("DELETE", "/alerts/{id}", Access::Operate),
+    ("GET", "/events", Access::Read),
+    ("GET", "/vms/{name}/vnc", Access::Operate),
 ];
 
 fn required_access(method: &Method, route: &str) -> Option<Access> {

@@ -30,6 +30,11 @@ pub struct Cli {
 pub enum Command {
     /// Run the PM daemon.
     Serve(ServeArgs),
+    /// Run the witness: a unit database voter that runs no VMs.
+    Witness(WitnessArgs),
+    /// The unit: formation and membership.
+    #[command(subcommand)]
+    Unit(UnitCmd),
     /// Log in and save the token for later commands.
     Login {
         /// User name.
@@ -84,6 +89,62 @@ pub struct ServeArgs {
     /// random password is written to DATA_DIR/initial-admin-password.
     #[arg(long)]
     pub admin_password_file: Option<PathBuf>,
+    /// Unit database listener (Raft over mutual TLS); enables `unit init`
+    /// and `unit join` on this PM.
+    #[arg(long, env = "PAIRVISOR_UNIT_LISTEN")]
+    pub unit_listen: Option<String>,
+    /// Address other members use to reach the unit listener.
+    #[arg(long)]
+    pub unit_advertise: Option<String>,
+    /// This PM's name in the unit (default: the host name).
+    #[arg(long)]
+    pub pm_name: Option<String>,
+    /// Heartbeat address on the private link (host:port).
+    #[arg(long, requires = "unit_listen")]
+    pub private_hb: Option<String>,
+    /// Heartbeat address on the first business network (host:port).
+    #[arg(long, requires = "unit_listen")]
+    pub business_hb: Option<String>,
+}
+
+/// `pairvisor witness` options.
+#[derive(Debug, Args, Clone)]
+pub struct WitnessArgs {
+    /// Data directory of the witness.
+    #[arg(long, default_value = "/var/lib/pairvisor-witness")]
+    pub data_dir: PathBuf,
+    /// Unit database listener.
+    #[arg(long)]
+    pub listen: String,
+    /// Address other members use to reach it.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Join token (first start only), from `pairvisor unit token --witness`.
+    #[arg(long, env = "PAIRVISOR_JOIN_TOKEN", hide_env_values = true)]
+    pub join: Option<String>,
+}
+
+/// `pairvisor unit ...`
+#[derive(Debug, Subcommand)]
+pub enum UnitCmd {
+    /// Show the unit: members, leader, PMs, heartbeat links.
+    Show,
+    /// Found a unit on this PM.
+    Init {
+        /// Unit name.
+        name: String,
+    },
+    /// Issue a one-time join token for the second PM (or the witness).
+    Token {
+        /// For the witness.
+        #[arg(long)]
+        witness: bool,
+    },
+    /// Join a unit with a token from its first PM.
+    Join {
+        /// The token.
+        token: String,
+    },
 }
 
 /// `pairvisor vm ...`
@@ -635,9 +696,22 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
     };
     use Method as M;
     match cli.command {
-        Command::Serve(_) => {
-            return Err(CliError::Usage("serve is handled by the binary".into()));
+        Command::Serve(_) | Command::Witness(_) => {
+            return Err(CliError::Usage("serve and witness are handled by the binary".into()));
         }
+        Command::Unit(cmd) => match cmd {
+            UnitCmd::Show => out("", c.call(M::GET, "/unit", None).await?),
+            UnitCmd::Init { name } => out("", c.call(M::POST, "/unit/init", Some(json!({"name": name}))).await?),
+            UnitCmd::Token { witness } => {
+                let v = c.call(M::POST, "/unit/join-token", Some(json!({"witness": witness}))).await?;
+                if cli.json {
+                    out("", v);
+                } else {
+                    println!("{}", s(&v["token"]));
+                }
+            }
+            UnitCmd::Join { token } => out("", c.call(M::POST, "/unit/join", Some(json!({"token": token}))).await?),
+        },
         Command::Login { user, password_file } => {
             let password = read_password(&password_file, "PAIRVISOR_PASSWORD")?;
             let v = c

@@ -6,7 +6,7 @@ mod client;
 mod commands;
 
 pub use client::{CliError, Client};
-pub use commands::{run, Cli, Command, ServeArgs};
+pub use commands::{run, Cli, Command, ServeArgs, WitnessArgs};
 
 /// Stable exit codes, for scripts (UPS software, cron).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

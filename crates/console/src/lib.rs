@@ -40,16 +40,19 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 /// one): `pairvisor_api::router(agent).merge(pairvisor_console::router())`.
 pub fn router() -> Router {
     Router::new()
-        .route("/", get(|h: HeaderMap| async move { serve("/ui/index.html", &h) }))
+        .route(
+            "/",
+            get(|h: HeaderMap| async move { serve("/ui/index.html", &h) }),
+        )
         .route(
             "/favicon.ico",
             get(|h: HeaderMap| async move { serve("/ui/icon.svg", &h) }),
         )
         .route(
             "/ui/{*path}",
-            get(|Path(p): Path<String>, h: HeaderMap| async move {
-                serve(&format!("/ui/{p}"), &h)
-            }),
+            get(
+                |Path(p): Path<String>, h: HeaderMap| async move { serve(&format!("/ui/{p}"), &h) },
+            ),
         )
 }
 
@@ -135,7 +138,13 @@ mod tests {
             .unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
         (status, headers, body)
     }
 

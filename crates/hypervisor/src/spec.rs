@@ -576,6 +576,9 @@ pub fn command_line(spec: &VmSpec, run_dir: &Path) -> Result<Vec<String>, SpecEr
         push(&["-device", "pvpanic"]);
     }
     if spec.vnc {
+        // `-nodefaults` drops the default VGA: without a display device the
+        // VNC server only shows "This VM has no graphic display device".
+        push(&["-device", "VGA"]);
         push(&["-vnc", &format!("unix:{}", esc(&run(files::VNC_SOCKET)))]);
     }
 
@@ -782,6 +785,7 @@ mod tests {
             "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0"
         ));
         assert!(has_pair(&args, "-vnc", "unix:/run/pv/web1/vnc.sock"));
+        assert!(has_pair(&args, "-device", "VGA"));
         assert!(args.iter().any(|a| a == "-S"));
         assert!(has_pair(&args, "-boot", "once=d"));
         assert!(has_pair(

@@ -41,11 +41,15 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     let agent = Agent::open(paths, store)
         .await
         .context("starting the agent")?;
-    let app = pairvisor_api::router(agent.clone());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let unit = match &args.unit_listen {
+        Some(l) => Some(open_unit(&args, l, addr).await?),
+        None => None,
+    };
+    let app = pairvisor_api::router(agent.clone(), unit.clone()).merge(pairvisor_console::router());
     info!("Pairvisor API listening on http://{addr} (OpenAPI: /api/v1/openapi.json)");
     // Machine-readable line for scripts and tests.
     println!("listening on http://{addr}");
@@ -55,7 +59,95 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("serving the API")?;
     agent.detach_all();
+    if let Some(u) = unit {
+        u.shutdown().await;
+    }
     info!("daemon stopped; VMs keep running and will be re-attached on the next start");
+    Ok(())
+}
+
+/// Opens this PM's unit membership (re-joining if it was a member).
+async fn open_unit(
+    args: &ServeArgs,
+    listen: &str,
+    api: std::net::SocketAddr,
+) -> Result<std::sync::Arc<pairvisor_unit::UnitService>> {
+    let listen: std::net::SocketAddr = listen
+        .parse()
+        .with_context(|| format!("--unit-listen {listen}: expected host:port"))?;
+    let host = listen.ip();
+    let name = match &args.pm_name {
+        Some(n) => n.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "pm".into()),
+    };
+    pairvisor_model::names::validate_name("PM", &name)
+        .map_err(|e| anyhow::anyhow!("--pm-name: {e}"))?;
+    let pm = pairvisor_unit::PmAddresses {
+        name,
+        private_hb: args
+            .private_hb
+            .clone()
+            .unwrap_or_else(|| format!("{host}:7482")),
+        business_hb: args
+            .business_hb
+            .clone()
+            .unwrap_or_else(|| format!("{host}:7483")),
+        api_url: format!("http://{api}"),
+    };
+    let svc = pairvisor_unit::UnitService::open(pairvisor_unit::UnitConfig {
+        data_dir: args.data_dir.join("unit"),
+        listen,
+        advertise: args.unit_advertise.clone(),
+        pm: Some(pm),
+        timing: Default::default(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("opening the unit database: {e}"))?;
+    Ok(svc)
+}
+
+/// `pairvisor witness`: a unit database voter without VMs.
+pub async fn witness(args: pairvisor_cli::WitnessArgs) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let listen: std::net::SocketAddr = args
+        .listen
+        .parse()
+        .with_context(|| format!("--listen {}: expected host:port", args.listen))?;
+    let svc = pairvisor_unit::UnitService::open(pairvisor_unit::UnitConfig {
+        data_dir: args.data_dir.clone(),
+        listen,
+        advertise: args.advertise.clone(),
+        pm: None,
+        timing: Default::default(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("opening the unit database: {e}"))?;
+    if svc.view().await.name.is_none() {
+        let token = args
+            .join
+            .as_deref()
+            .context("this witness is not in a unit yet: give --join TOKEN (from `pairvisor unit token --witness`)")?;
+        svc.join(token)
+            .await
+            .map_err(|e| anyhow::anyhow!("joining the unit: {e}"))?;
+    }
+    let v = svc.view().await;
+    info!(
+        unit = v.name.as_deref().unwrap_or("-"),
+        node = v.node_id.unwrap_or(0),
+        "witness running"
+    );
+    println!("witness of unit {} running", v.name.unwrap_or_default());
+    let _ = std::io::stdout().flush();
+    shutdown_signal().await;
+    svc.shutdown().await;
     Ok(())
 }
 

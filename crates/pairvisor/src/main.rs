@@ -23,6 +23,13 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(1)
             }
         },
+        Command::Witness(args) => match rt.block_on(daemon::witness(args)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        },
         _ => std::process::ExitCode::from(rt.block_on(pairvisor_cli::run(cli)) as u8),
     }
 }

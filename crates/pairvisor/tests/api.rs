@@ -732,8 +732,14 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("PATCH", "/settings", "administrator"),
     ("GET", "/audit", "read_only"),
     ("GET", "/pm", "read_only"),
+    ("GET", "/events", "read_only"),
+    ("GET", "/vms/{name}/vnc", "operator"),
     ("GET", "/alerts", "read_only"),
     ("DELETE", "/alerts/{id}", "operator"),
+    ("GET", "/unit", "read_only"),
+    ("POST", "/unit/init", "administrator"),
+    ("POST", "/unit/join-token", "administrator"),
+    ("POST", "/unit/join", "administrator"),
 ];
 
 fn rank(role: &str) -> u8 {

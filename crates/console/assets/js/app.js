@@ -14,6 +14,7 @@ export const store = {
   settings: null,
   pm: null,
   vms: [],
+  alerts: [],
   apiPaths: new Set(),
   live: 'connecting',
 };
@@ -41,6 +42,7 @@ const loaders = {
   vms: () => api('GET', '/vms'),
   pm: () => api('GET', '/pm'),
   settings: () => api('GET', '/settings'),
+  alerts: () => (store.apiPaths.has('/api/v1/alerts') ? api('GET', '/alerts') : Promise.resolve([])),
 };
 
 /** Reloads a store key from the API and notifies its subscribers. */
@@ -82,7 +84,7 @@ const NAV = [
   { id: 'networks', label: 'Networks', api: '/api/v1/networks' },
   { id: 'vcds', label: 'Virtual CDs', key: 'c' },
   { id: 'repositories', label: 'Repositories', api: '/api/v1/repositories' },
-  { id: 'alerts', label: 'Alerts', api: '/api/v1/alerts' },
+  { id: 'alerts', label: 'Alerts', api: '/api/v1/alerts', page: 'alerts' },
   { id: 'users', label: 'Users', access: 'administer', key: 'u' },
   { id: 'preferences', label: 'Preferences', key: 'r' },
   { id: 'audit', label: 'Audit Log', key: 'a' },
@@ -100,6 +102,7 @@ const PAGES = {
   users: () => import('./pages/users.js'),
   preferences: () => import('./pages/prefs.js'),
   audit: () => import('./pages/audit.js'),
+  alerts: () => import('./pages/alerts.js'),
   generic: () => import('./pages/generic.js'),
 };
 
@@ -111,7 +114,7 @@ function parseRoute() {
   if (parts[0] === 'vms' && parts[1] === 'new') return { page: 'vm-new', nav: 'vms', params: {}, query };
   if (parts[0] === 'vms' && parts[1]) return { page: 'vm', nav: 'vms', params: { name: parts[1], tab: parts[2] || 'summary' }, query };
   const nav = NAV.find((n) => n.id === parts[0]);
-  if (nav && nav.api) return { page: 'generic', nav: nav.id, params: { nav }, query };
+  if (nav && nav.api) return { page: nav.page || 'generic', nav: nav.id, params: { nav }, query };
   if (PAGES[parts[0]]) return { page: parts[0], nav: parts[0], params: {}, query };
   return { page: 'notfound', nav: null, params: {}, query };
 }
@@ -149,7 +152,8 @@ function renderShell() {
     h('div', { class: 'body' },
       h('nav', { class: 'sidebar', 'aria-label': 'Main' },
         h('ul', {}, visibleNav().map((n) => h('li', {},
-          h('a', { href: `#/${n.id}`, 'data-nav': n.id, title: n.key ? `g then ${n.key}` : null }, n.label))))),
+          h('a', { href: `#/${n.id}`, 'data-nav': n.id, title: n.key ? `g then ${n.key}` : null }, n.label,
+            n.id === 'alerts' ? h('span', { class: 'nav-count', id: 'nav-alerts-count', hidden: !store.alerts.length }, String(store.alerts.length)) : null))))),
       h('main', { id: 'main', tabindex: '-1' }),
       h('aside', { id: 'help', class: 'help', hidden: !helpOpen, 'aria-label': 'Help' })));
 }
@@ -234,6 +238,7 @@ function scheduleVmRefresh() {
     vmTimer = null;
     refresh('vms');
     refresh('pm');
+    refresh('alerts');
   }, 50);
 }
 
@@ -247,6 +252,7 @@ function connectLive() {
       // Events may have been missed while disconnected.
       refresh('vms');
       refresh('pm');
+      refresh('alerts');
     }
   });
   source.addEventListener('vm', (e) => {
@@ -265,6 +271,7 @@ function connectLive() {
   source.addEventListener('resync', () => {
     refresh('vms');
     refresh('pm');
+    refresh('alerts');
   });
   source.onerror = () => {
     setLive('reconnecting');
@@ -375,6 +382,7 @@ async function start() {
     refresh('vms'),
   ]);
   store.apiPaths = new Set(Object.keys(doc.paths || {}));
+  await refresh('alerts');
   renderShell();
   connectLive();
   await route();
@@ -392,6 +400,26 @@ window.addEventListener('hashchange', () => {
   if (store.user) route();
 });
 document.addEventListener('keydown', onKey);
+// The skip link must not change the hash (the router owns it).
+document.addEventListener('click', (e) => {
+  const skip = e.target.closest && e.target.closest('a.skip');
+  if (skip) {
+    e.preventDefault();
+    const main = document.getElementById('main');
+    if (main) main.focus();
+  }
+});
+on('alerts', () => {
+  const el = document.getElementById('nav-alerts-count');
+  if (el) {
+    el.textContent = String(store.alerts.length);
+    el.hidden = !store.alerts.length;
+  }
+});
+on('pm', () => {
+  const el = document.querySelector('.topbar .unit-name');
+  if (el && store.pm) el.textContent = store.pm.hostname;
+});
 on('settings', () => {
   if (store.user && document.querySelector('.topbar')) {
     const tz = currentTimeZone();
@@ -405,6 +433,7 @@ setInterval(() => {
   if (store.user && document.visibilityState === 'visible') {
     refresh('vms');
     refresh('pm');
+    refresh('alerts');
   }
 }, 10000);
 window.addEventListener('unhandledrejection', (e) => {

@@ -105,6 +105,13 @@ export const HELP = {
   audit: {
     purpose: 'Who did what, when, with what result: every request that changes something, including failed logins. Newest first; times in the unit\'s time zone.',
   },
+  alerts: {
+    purpose: 'Active alerts: conditions that need you, critical first, each with the action it needs. An alert disappears when its condition clears (e.g. a critical VM is reset) or when you acknowledge it; it comes back if the condition happens again. E-mail and SNMP notifications come later.',
+    items: [
+      ['critical', 'A VM is down and stays down: it crashed more often than its MTBF threshold, or could not be restarted. Action: fix the cause, then Reset Device.'],
+      ['warning', 'A VM crashed and was restarted, or its guest stopped answering the instance check while QEMU runs.'],
+    ],
+  },
   generic: {
     purpose: 'A part of the unit that the API has just grown; this page lists what the API returns until a dedicated page is built.',
   },

@@ -110,7 +110,7 @@ export function stateBadge(state, extra) {
 
 /** A meter: used of total, with a label. */
 export function meter(used, total, label, { warnAt = 0.85 } = {}) {
-  const ratio = total > 0 ? Math.min(used / total, 1) : 0;
+  const ratio = total > 0 ? Math.min(used / total, 1) : used > 0 ? 1 : 0;
   const cls = used > total ? 'bad' : ratio >= warnAt ? 'warn' : 'ok';
   return h('div', { class: 'meter-wrap' },
     h('div', { class: 'meter-label' }, label),

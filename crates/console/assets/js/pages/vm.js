@@ -67,7 +67,7 @@ export async function render(main, ctx) {
       h('div', { class: 'vm-title' },
         h('h1', { tabindex: '-1' }, vm.name),
         h('span', { id: 'vm-state' }, stateBadge(vm.state, vm.activity && vm.activity !== vm.state ? vm.activity : null)),
-        h('span', { class: 'vm-health' }, guestHealth(vm))),
+        ['booting', 'running', 'stopping', 'dumping'].includes(vm.state) ? h('span', { class: 'vm-health' }, guestHealth(vm)) : null),
       opButtons(vm, { onError: errors.show }));
   };
   drawHeader();

@@ -73,6 +73,11 @@ export async function render(main, ctx) {
     input.addEventListener('input', () => {
       set(input.type === 'checkbox' ? input.checked : input.value);
       updateSide();
+      if (error) {
+        // The refusal was about the previous entries.
+        error = null;
+        mount(errSlot);
+      }
     });
     return input;
   };
@@ -216,7 +221,7 @@ export async function render(main, ctx) {
     mount(stepNav, STEPS.map((s, i) => h('li', {},
       h('button', { type: 'button', class: 'step', 'aria-current': i === step ? 'step' : null, onclick: () => { step = i; draw(); } },
         h('span', { class: 'step-n' }, i + 1), s))));
-    mount(errSlot, error ? [errorBox(error), h('button', { type: 'button', class: 'btn small', onclick: () => { step = stepOf(error); draw(); } }, `Fix it in step ${stepOf(error) + 1}: ${STEPS[stepOf(error)]}`)] : null);
+    mount(errSlot, error ? [errorBox(error), h('button', { type: 'button', class: 'btn small fix', onclick: () => { step = stepOf(error); draw(); } }, `Fix it in step ${stepOf(error) + 1}: ${STEPS[stepOf(error)]}`)] : null);
     const last = step === STEPS.length - 1;
     mount(form,
       h('h2', {}, `Step ${step + 1} of ${STEPS.length}: ${STEPS[step]}`),
