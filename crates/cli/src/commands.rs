@@ -35,6 +35,15 @@ pub enum Command {
     /// The unit: formation and membership.
     #[command(subcommand)]
     Unit(UnitCmd),
+    /// A whole unit on this machine (two PMs and a witness) with fault injection.
+    Lab {
+        /// Lab directory.
+        #[arg(long, global = true, default_value = "target/lab")]
+        dir: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        cmd: LabCmd,
+    },
     /// Log in and save the token for later commands.
     Login {
         /// User name.
@@ -122,6 +131,45 @@ pub struct WitnessArgs {
     /// Join token (first start only), from `pairvisor unit token --witness`.
     #[arg(long, env = "PAIRVISOR_JOIN_TOKEN", hide_env_values = true)]
     pub join: Option<String>,
+}
+
+/// `pairvisor lab ...`
+#[derive(Debug, Subcommand)]
+pub enum LabCmd {
+    /// Start two PMs and a witness (own network namespaces as root), form the
+    /// unit, and boot a demo VM on pm-a.
+    Up {
+        /// Test guest directory (vmlinuz, initrd.img) for the demo VM; none
+        /// without it.
+        #[arg(long)]
+        guest_dir: Option<PathBuf>,
+        /// Namespace prefix (1-6 lowercase letters/digits).
+        #[arg(long, default_value = "pvlab")]
+        prefix: String,
+        /// Second octet of the lab's 10.x network (100-199).
+        #[arg(long, default_value_t = 150)]
+        net: u8,
+    },
+    /// Show the unit as each member sees it.
+    Status,
+    /// Kill a member (pm-a, pm-b, witness) with everything it runs.
+    Kill {
+        /// Member.
+        member: String,
+    },
+    /// Cut a link: private, business-a, business-b, witness, all.
+    Cut {
+        /// Link.
+        link: String,
+    },
+    /// Restore a link (default: all).
+    Heal {
+        /// Link.
+        #[arg(default_value = "all")]
+        link: String,
+    },
+    /// Stop everything and remove the lab.
+    Down,
 }
 
 /// `pairvisor unit ...`
@@ -696,7 +744,7 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
     };
     use Method as M;
     match cli.command {
-        Command::Serve(_) | Command::Witness(_) => {
+        Command::Serve(_) | Command::Witness(_) | Command::Lab { .. } => {
             return Err(CliError::Usage("serve and witness are handled by the binary".into()));
         }
         Command::Unit(cmd) => match cmd {

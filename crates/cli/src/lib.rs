@@ -6,7 +6,9 @@ mod client;
 mod commands;
 
 pub use client::{CliError, Client};
-pub use commands::{run, Cli, Command, ServeArgs, WitnessArgs};
+pub use commands::{run, Cli, Command, LabCmd, ServeArgs, WitnessArgs};
+/// HTTP methods, for callers of [`Client::call`].
+pub use reqwest::Method;
 
 /// Stable exit codes, for scripts (UPS software, cron).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -19,6 +19,8 @@
 //! (100..=199) keeps their address ranges apart; the addresses exist only
 //! inside namespaces the lab made.
 
+pub mod lab;
 pub mod netns;
 
+pub use lab::{LabError, LabState, UpOptions};
 pub use netns::{Link, NetError, Topology};

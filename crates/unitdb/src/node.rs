@@ -973,7 +973,11 @@ impl UnitDb {
                             tokio::time::sleep(pause).await;
                         }
                         Ok(Outcome::Failed(s)) => return Err(RouteFail::Failed(s)),
-                        Err(e) if e.not_sent() || idempotent => {
+                        Err(e)
+                            if idempotent
+                                || logic::retry_advice(!e.not_sent())
+                                    == logic::RetryAdvice::Retry =>
+                        {
                             tracing::debug!(leader = l, error = %e, "leader not reachable, retrying");
                             tokio::time::sleep(pause).await;
                         }

@@ -418,11 +418,12 @@ async fn a_restarted_node_catches_up_from_its_files_and_from_a_snapshot() {
         "delete carried by the snapshot"
     );
     assert_eq!(db.list("vms").unwrap().len(), 21);
-    let m = db.metrics();
-    assert!(
-        m.snapshot.unwrap_or(0) >= snap,
-        "installed a snapshot: {m:?}"
-    );
+    // Metrics follow the state machine shortly after the data.
+    db.wait_until("the snapshot to show in the metrics", DEADLINE, |m| {
+        m.snapshot.unwrap_or(0) >= snap && m.last_applied.unwrap_or(0) >= snap
+    })
+    .await
+    .unwrap();
     let ev = tokio::time::timeout(Duration::from_secs(1), events.recv()).await;
     eprintln!("first event after restart: {ev:?}");
     for n in c.nodes.iter_mut() {
