@@ -147,7 +147,7 @@ pub enum LabCmd {
         #[arg(long, default_value = "pvlab")]
         prefix: String,
         /// Second octet of the lab's 10.x network (100-199).
-        #[arg(long, default_value_t = 150)]
+        #[arg(long, default_value_t = 199)]
         net: u8,
     },
     /// Show the unit as each member sees it.

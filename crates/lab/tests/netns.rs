@@ -67,7 +67,7 @@ fn reachable(t: &Topology, from: char, to: char, addr: &str) -> bool {
 fn topology_cut_heal_destroy() {
     let t = Topology::new(
         &format!("pvn{}", std::process::id() % 1000),
-        100 + (std::process::id() % 100) as u8,
+        100 + (std::process::id() % 40) as u8,
     )
     .unwrap();
     t.destroy();

@@ -53,7 +53,8 @@ fn lab_forms_a_unit_and_injects_faults() {
     let dir = tempfile::tempdir().unwrap();
     let pid = std::process::id();
     let prefix = format!("pvt{}", pid % 1000);
-    let net = (100 + pid % 100).to_string();
+    // 150..190: disjoint from the netns test (100..140) and the default lab (190+ unused).
+    let net = (150 + pid % 40).to_string();
     let (ok, text) = lab(dir.path(), &["up", "--prefix", &prefix, "--net", &net]);
     assert!(ok, "lab up failed: {text}");
     assert!(text.contains("own namespaces"), "{text}");
