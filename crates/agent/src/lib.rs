@@ -517,10 +517,7 @@ impl Agent {
         vm::check_operation(name, rec.state, Operation::Shutdown)?;
         let run = self.running(name).ok_or_else(|| no_process(name))?;
         *run.intent.lock().unwrap_or_else(|e| e.into_inner()) = Intent::Shutdown;
-        run.qemu
-            .system_powerdown()
-            .await
-            .map_err(|e| AgentError::Hypervisor(e.to_string()))?;
+        bounded("ACPI shutdown", run.qemu.system_powerdown()).await?;
         self.set_state(&mut rec, VmEvent::ShutdownSent, "ACPI shutdown sent")?;
         let agent = self.clone();
         let name = name.to_string();
@@ -639,10 +636,11 @@ impl Agent {
         vm::check_operation(name, rec.state, Operation::ChangeCd)?;
         let cd = self.load_vcd(vcd)?;
         if let Some(run) = self.running(name) {
-            run.qemu
-                .insert_cdrom(std::path::Path::new(&cd.file))
-                .await
-                .map_err(|e| AgentError::Hypervisor(e.to_string()))?;
+            bounded(
+                "inserting the CD",
+                run.qemu.insert_cdrom(std::path::Path::new(&cd.file)),
+            )
+            .await?;
         }
         rec.cdrom = Some(vcd.to_string());
         self.save_vm(&rec)?;
@@ -660,10 +658,7 @@ impl Agent {
             )));
         }
         if let Some(run) = self.running(name) {
-            run.qemu
-                .eject_cdrom()
-                .await
-                .map_err(|e| AgentError::Hypervisor(e.to_string()))?;
+            bounded("ejecting the CD", run.qemu.eject_cdrom()).await?;
         }
         rec.cdrom = None;
         self.save_vm(&rec)?;
@@ -1250,6 +1245,24 @@ impl Agent {
         if let Ok(mut m) = self.inner.running.lock() {
             m.clear();
         }
+    }
+}
+
+/// How long an operation waits for QEMU to answer QMP before giving up: a
+/// hung QEMU must never hang an operation (which holds the agent's lock).
+const QMP_BOUND: Duration = Duration::from_secs(10);
+
+/// Runs a QMP call with [`QMP_BOUND`].
+async fn bounded<T, E: std::fmt::Display>(
+    what: &str,
+    fut: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Result<T> {
+    match tokio::time::timeout(QMP_BOUND, fut).await {
+        Ok(r) => r.map_err(|e| AgentError::Hypervisor(format!("{what}: {e}"))),
+        Err(_) => Err(AgentError::Hypervisor(format!(
+            "{what}: QEMU did not answer within {} s; the VM may be hung — power it off",
+            QMP_BOUND.as_secs()
+        ))),
     }
 }
 

@@ -526,3 +526,39 @@ fn unresponsive_guest_raises_an_alert_and_the_policy_restarts_it() {
     assert_eq!(d.ok("GET", "/alerts", None), json!([]));
     d.ok("POST", "/vms/hang/poweroff", None);
 }
+
+/// V5: an ACPI shutdown the guest ignores ends in a power off after the
+/// shutdown timeout (not a crash).
+#[test]
+fn shutdown_ignored_by_the_guest_powers_off_after_the_timeout() {
+    let d = Daemon::start();
+    d.ok(
+        "PATCH",
+        "/settings",
+        Some(json!({"shutdown_timeout_secs": 3})),
+    );
+    d.ok("POST", "/vms", Some(d.guest_vm("stubborn")));
+    d.ok("POST", "/vms/stubborn/start", None);
+    let vm = d.wait_state("stubborn", "running", BOOT);
+    let pid = vm["pid"].as_i64().unwrap();
+    d.wait_console("stubborn", "pv-guest: ready", BOOT);
+    d.type_console("stubborn", "pv ignore-acpi");
+    d.wait_console(
+        "stubborn",
+        "pv-guest: ignoring acpi",
+        Duration::from_secs(30),
+    );
+    let v = d.ok("POST", "/vms/stubborn/shutdown", None);
+    assert_eq!(v["state"], "stopping");
+    let vm = d.wait_state("stubborn", "stopped", Duration::from_secs(60));
+    assert!(!pid_alive(pid));
+    assert_eq!(
+        vm["recent_crashes"], 0,
+        "a timed-out shutdown is not a crash"
+    );
+    assert!(d.log().contains("did not shut down in time"), "{}", d.log());
+    assert!(
+        !d.console("stubborn").contains("powering off"),
+        "the guest really ignored it"
+    );
+}
