@@ -173,17 +173,62 @@ mod tests {
         use Relation::*;
         let table = [
             ("both new", g(0, 0, &[]), g(0, 0, &[]), Equal),
-            ("peer new", g(7, 0, &[]), g(0, 0, &[]), LocalAhead { full: true }),
-            ("local new", g(0, 0, &[]), g(7, 3, &[]), PeerAhead { full: true }),
+            (
+                "peer new",
+                g(7, 0, &[]),
+                g(0, 0, &[]),
+                LocalAhead { full: true },
+            ),
+            (
+                "local new",
+                g(0, 0, &[]),
+                g(7, 3, &[]),
+                PeerAhead { full: true },
+            ),
             ("in sync", g(7, 0, &[1]), g(7, 0, &[1]), Equal),
             ("in sync, stale bitmaps", g(7, 3, &[]), g(7, 0, &[]), Equal),
-            ("local wrote degraded", g(9, 7, &[]), g(7, 0, &[]), LocalAhead { full: false }),
-            ("peer wrote degraded", g(7, 0, &[]), g(9, 7, &[]), PeerAhead { full: false }),
-            ("both wrote", g(9, 7, &[]), g(8, 7, &[]), SplitBrain { full: false }),
-            ("local far ahead", g(11, 9, &[7]), g(7, 0, &[]), LocalAhead { full: true }),
-            ("peer far ahead", g(7, 0, &[]), g(11, 9, &[7, 5]), PeerAhead { full: true }),
-            ("unrelated", g(5, 0, &[1]), g(6, 0, &[2]), SplitBrain { full: true }),
-            ("diverged long ago", g(20, 9, &[7]), g(30, 8, &[7]), SplitBrain { full: true }),
+            (
+                "local wrote degraded",
+                g(9, 7, &[]),
+                g(7, 0, &[]),
+                LocalAhead { full: false },
+            ),
+            (
+                "peer wrote degraded",
+                g(7, 0, &[]),
+                g(9, 7, &[]),
+                PeerAhead { full: false },
+            ),
+            (
+                "both wrote",
+                g(9, 7, &[]),
+                g(8, 7, &[]),
+                SplitBrain { full: false },
+            ),
+            (
+                "local far ahead",
+                g(11, 9, &[7]),
+                g(7, 0, &[]),
+                LocalAhead { full: true },
+            ),
+            (
+                "peer far ahead",
+                g(7, 0, &[]),
+                g(11, 9, &[7, 5]),
+                PeerAhead { full: true },
+            ),
+            (
+                "unrelated",
+                g(5, 0, &[1]),
+                g(6, 0, &[2]),
+                SplitBrain { full: true },
+            ),
+            (
+                "diverged long ago",
+                g(20, 9, &[7]),
+                g(30, 8, &[7]),
+                SplitBrain { full: true },
+            ),
         ];
         for (name, local, peer, expected) in table {
             assert_eq!(local.compare(&peer), expected, "{name}");

@@ -128,7 +128,10 @@ impl RegionLocks {
     /// Takes the region exclusively if nobody uses it.
     pub fn try_exclusive(self: &Arc<Self>, region: u64) -> Option<ExclusiveGuard> {
         let mut st = self.lock();
-        let ok = st.slots.get(&region).is_none_or(|s| s.waiting_exclusive == 0)
+        let ok = st
+            .slots
+            .get(&region)
+            .is_none_or(|s| s.waiting_exclusive == 0)
             && Self::try_take_exclusive(&mut st, region);
         if !ok {
             Self::gc(&mut st, region);
@@ -165,7 +168,10 @@ impl RegionLocks {
 
     /// Puts a region back into the activity list (it could not be cleaned).
     pub fn retouch(&self, region: u64) {
-        self.lock().last_write.entry(region).or_insert_with(Instant::now);
+        self.lock()
+            .last_write
+            .entry(region)
+            .or_insert_with(Instant::now);
     }
 
     fn gc(st: &mut State, r: u64) {
@@ -224,7 +230,11 @@ mod tests {
         });
         // Let the exclusive waiter register.
         for _ in 0..100 {
-            if l.lock().slots.get(&1).is_some_and(|s| s.waiting_exclusive > 0) {
+            if l.lock()
+                .slots
+                .get(&1)
+                .is_some_and(|s| s.waiting_exclusive > 0)
+            {
                 break;
             }
             tokio::task::yield_now().await;
@@ -254,10 +264,14 @@ mod tests {
     fn idle_tracking() {
         let l = RegionLocks::default();
         l.touch(3..5);
-        assert!(l.take_idle(Instant::now() - Duration::from_secs(60)).is_empty());
+        assert!(l
+            .take_idle(Instant::now() - Duration::from_secs(60))
+            .is_empty());
         let mut idle = l.take_idle(Instant::now() + Duration::from_secs(1));
         idle.sort();
         assert_eq!(idle, vec![3, 4]);
-        assert!(l.take_idle(Instant::now() + Duration::from_secs(1)).is_empty());
+        assert!(l
+            .take_idle(Instant::now() + Duration::from_secs(1))
+            .is_empty());
     }
 }

@@ -64,7 +64,7 @@ pub fn eta(remaining: u64, bytes_per_sec: f64) -> Option<Duration> {
     if remaining == 0 {
         return Some(Duration::ZERO);
     }
-    if !(bytes_per_sec > 0.0) || !bytes_per_sec.is_finite() {
+    if bytes_per_sec.is_nan() || bytes_per_sec <= 0.0 || !bytes_per_sec.is_finite() {
         return None;
     }
     Some(Duration::from_secs_f64(remaining as f64 / bytes_per_sec))

@@ -21,8 +21,7 @@ pub enum RegionError {
 
 /// Checks a region size.
 pub fn check_region_size(region_size: u64) -> Result<(), RegionError> {
-    if region_size.is_power_of_two() && (MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&region_size)
-    {
+    if region_size.is_power_of_two() && (MIN_REGION_SIZE..=MAX_REGION_SIZE).contains(&region_size) {
         Ok(())
     } else {
         Err(RegionError::BadRegionSize(region_size))

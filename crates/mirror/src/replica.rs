@@ -209,7 +209,7 @@ impl Replica {
     pub fn create(dir: &Path, opts: &CreateOptions) -> Result<Replica> {
         region::check_region_size(opts.region_size)
             .map_err(|e| ReplicaError::Invalid(e.to_string()))?;
-        if opts.size == 0 || opts.size % 512 != 0 {
+        if opts.size == 0 || opts.size & 511 != 0 {
             return Err(ReplicaError::Invalid(format!(
                 "volume size {} must be a non-zero multiple of 512",
                 opts.size
@@ -283,7 +283,10 @@ impl Replica {
         if meta.format != META_FORMAT {
             return Err(ReplicaError::Corrupt {
                 path: meta_path,
-                reason: format!("format {} is not supported (only {META_FORMAT})", meta.format),
+                reason: format!(
+                    "format {} is not supported (only {META_FORMAT})",
+                    meta.format
+                ),
             });
         }
         region::check_region_size(meta.region_size).map_err(|e| ReplicaError::Corrupt {
@@ -296,10 +299,7 @@ impl Replica {
             .write(true)
             .open(&data_path)
             .map_err(io_err(&data_path, "open"))?;
-        let len = data
-            .metadata()
-            .map_err(io_err(&data_path, "stat"))?
-            .len();
+        let len = data.metadata().map_err(io_err(&data_path, "stat"))?.len();
         if len != meta.size {
             return Err(ReplicaError::Corrupt {
                 path: data_path,
@@ -645,10 +645,7 @@ mod tests {
         let dir = d.path().join("r");
         {
             let r = Replica::create(&dir, &opts(1 << 20)).unwrap();
-            assert!(matches!(
-                Replica::open(&dir),
-                Err(ReplicaError::Locked(_))
-            ));
+            assert!(matches!(Replica::open(&dir), Err(ReplicaError::Locked(_))));
             r.write_at(b"hello", 4096).unwrap();
             r.sync_data().unwrap();
             r.mark_dirty(3..5).unwrap();

@@ -530,7 +530,12 @@ impl Volume {
 
     /// Writes `data` at `offset`; returns when durable on both replicas (or
     /// locally in degraded mode, see the module documentation).
-    pub async fn write(self: &Arc<Self>, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), IoError> {
+    pub async fn write(
+        self: &Arc<Self>,
+        offset: u64,
+        data: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), IoError> {
         self.check_primary()?;
         let len = data.len() as u64;
         if !region::in_bounds(offset, len, self.size) {
@@ -553,7 +558,12 @@ impl Volume {
     }
 
     /// Makes a range read as zeroes (WRITE_ZEROES and TRIM).
-    pub async fn write_zeroes(self: &Arc<Self>, offset: u64, len: u64, fua: bool) -> Result<(), IoError> {
+    pub async fn write_zeroes(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), IoError> {
         self.check_primary()?;
         if !region::in_bounds(offset, len, self.size) {
             return Err(IoError::new(ENOSPC, "range beyond the end of the volume"));
@@ -597,7 +607,10 @@ impl Volume {
             Op::Flush => unreachable!("flush is not a modification"),
         };
         let regions = region::regions_for(offset, len, self.region_size);
-        let _guard = self.locks.shared(regions.clone(), offset, offset + len).await;
+        let _guard = self
+            .locks
+            .shared(regions.clone(), offset, offset + len)
+            .await;
         // The mark is durable before any byte of the write can reach disk.
         let rs = regions.clone();
         self.blocking(move |r| r.mark_dirty(rs)).await?;
@@ -654,8 +667,14 @@ impl Volume {
     async fn send_op(&self, link: &PeerLink, op: &Op, durable: bool) -> Result<(), String> {
         let res = match op {
             Op::Write { offset, data } => {
-                link.request(K_WRITE, durable_flag(durable), *offset, data.len() as u32, data)
-                    .await
+                link.request(
+                    K_WRITE,
+                    durable_flag(durable),
+                    *offset,
+                    data.len() as u32,
+                    data,
+                )
+                .await
             }
             Op::Zero { offset, len } => {
                 // Ranges longer than a frame can describe are split.
@@ -703,7 +722,10 @@ impl Volume {
             tokio::pin!(n);
             n.as_mut().enable();
             if self.role() != Role::Primary {
-                break Err(IoError::new(EIO, "replica was demoted with the write in flight"));
+                break Err(IoError::new(
+                    EIO,
+                    "replica was demoted with the write in flight",
+                ));
             }
             if let Some(l) = self.active_link() {
                 match self.send_op(&l, &op, true).await {
@@ -735,10 +757,8 @@ impl Volume {
         if self.lock().rotated {
             return Ok(());
         }
-        self.blocking(|r| {
-            r.update_meta(|m| m.gen.rotate_for_degraded_write(fresh_gen()))
-        })
-        .await?;
+        self.blocking(|r| r.update_meta(|m| m.gen.rotate_for_degraded_write(fresh_gen())))
+            .await?;
         self.lock().rotated = true;
         tracing::warn!("volume running degraded: new generation started");
         Ok(())
@@ -1011,9 +1031,12 @@ impl Volume {
             if pred(&self.status()) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, tokio::time::timeout(Duration::from_millis(100), n))
-                .await
-                .is_err()
+            if tokio::time::timeout_at(
+                deadline,
+                tokio::time::timeout(Duration::from_millis(100), n),
+            )
+            .await
+            .is_err()
             {
                 return pred(&self.status());
             }
@@ -1088,7 +1111,11 @@ impl Volume {
             st.link_state = LinkState::Resyncing;
         }
         self.changed.notify_waiters();
-        tracing::info!(peer = addr, full = resync_full, "replication link up, resync starting");
+        tracing::info!(
+            peer = addr,
+            full = resync_full,
+            "replication link up, resync starting"
+        );
         let me = self.clone();
         let l2 = link.clone();
         tokio::spawn(async move { me.resync(l2).await });
@@ -1145,7 +1172,12 @@ impl Volume {
         rd.read_exact(&mut bitmap).await.map_err(io)?;
         let mut stag = [0u8; 32];
         rd.read_exact(&mut stag).await.map_err(io)?;
-        if !mac_ok(&self.opts.secret, LABEL_SERVER, &[&nc, &ns, &welcome_raw, &bitmap], &stag) {
+        if !mac_ok(
+            &self.opts.secret,
+            LABEL_SERVER,
+            &[&nc, &ns, &welcome_raw, &bitmap],
+            &stag,
+        ) {
             return Err("partner failed authentication (wrong unit secret?)".into());
         }
         let welcome: Welcome =
@@ -1161,13 +1193,18 @@ impl Volume {
         let decided = meta.decision == Some(Decision::KeepLocal)
             || welcome.decision == Some(Decision::DiscardLocal);
         let plan = if meta.decision == Some(Decision::DiscardLocal) {
-            Err("this replica is marked to be discarded: demote it and promote the partner".to_string())
+            Err(
+                "this replica is marked to be discarded: demote it and promote the partner"
+                    .to_string(),
+            )
         } else {
             match relation {
                 Relation::Equal => Ok(false),
                 Relation::LocalAhead { full } => Ok(full),
                 Relation::PeerAhead { full } | Relation::SplitBrain { full } if decided => Ok(full),
-                other => Err(format!("generations diverged ({other:?}); a decision is needed")),
+                other => Err(format!(
+                    "generations diverged ({other:?}); a decision is needed"
+                )),
             }
         };
         let full = match plan {
@@ -1281,7 +1318,10 @@ impl Volume {
                 match reply {
                     Ok(rep) if rep.status == 0 => {}
                     Ok(rep) => {
-                        self.link_lost(&link, &format!("partner failed resync write: errno {}", rep.status));
+                        self.link_lost(
+                            &link,
+                            &format!("partner failed resync write: errno {}", rep.status),
+                        );
                         return;
                     }
                     Err(e) => {
@@ -1299,10 +1339,16 @@ impl Volume {
             }
         }
         let cur = self.replica.meta().gen.current;
-        match link.request(K_RESYNC_DONE, 0, 0, 8, &cur.to_be_bytes()).await {
+        match link
+            .request(K_RESYNC_DONE, 0, 0, 8, &cur.to_be_bytes())
+            .await
+        {
             Ok(rep) if rep.status == 0 => {}
             Ok(rep) => {
-                self.link_lost(&link, &format!("partner failed to finish resync: errno {}", rep.status));
+                self.link_lost(
+                    &link,
+                    &format!("partner failed to finish resync: errno {}", rep.status),
+                );
                 return;
             }
             Err(e) => {
@@ -1401,7 +1447,11 @@ impl Volume {
         }
     }
 
-    async fn handle_incoming(self: Arc<Self>, stream: TcpStream, peer: String) -> Result<(), String> {
+    async fn handle_incoming(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: String,
+    ) -> Result<(), String> {
         let (mut rd, mut wr) = stream.into_split();
         let t = self.opts.link_timeout;
         let hs = tokio::time::timeout(t * 2, self.server_handshake(&mut rd, &mut wr))
@@ -1456,7 +1506,11 @@ impl Volume {
     }
 
     /// Returns `Some((epoch, resync))` when the primary proceeds.
-    async fn server_handshake<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<(u64, bool)>, String>
+    async fn server_handshake<R, W>(
+        &self,
+        rd: &mut R,
+        wr: &mut W,
+    ) -> Result<Option<(u64, bool)>, String>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -1473,7 +1527,12 @@ impl Volume {
         rd.read_exact(&mut nc).await.map_err(io)?;
         let mut tag = [0u8; 32];
         rd.read_exact(&mut tag).await.map_err(io)?;
-        if !mac_ok(&self.opts.secret, LABEL_CLIENT, &[&ns, &nc, &hello_raw], &tag) {
+        if !mac_ok(
+            &self.opts.secret,
+            LABEL_CLIENT,
+            &[&ns, &nc, &hello_raw],
+            &tag,
+        ) {
             tracing::warn!("rejected an unauthenticated replication connection");
             return Err("client failed authentication".into());
         }
@@ -1520,7 +1579,11 @@ impl Volume {
         } else {
             Vec::new()
         };
-        let stag = mac(&self.opts.secret, LABEL_SERVER, &[&nc, &ns, &welcome, &bitmap]);
+        let stag = mac(
+            &self.opts.secret,
+            LABEL_SERVER,
+            &[&nc, &ns, &welcome, &bitmap],
+        );
         let mut out = (welcome.len() as u32).to_be_bytes().to_vec();
         out.extend_from_slice(&welcome);
         out.extend_from_slice(&(bitmap.len() as u32).to_be_bytes());
@@ -1685,7 +1748,10 @@ impl Volume {
                 })
                 .await
             }
-            _ => Err(IoError::new(EINVAL, format!("unknown frame kind {}", f.kind))),
+            _ => Err(IoError::new(
+                EINVAL,
+                format!("unknown frame kind {}", f.kind),
+            )),
         }
     }
 }

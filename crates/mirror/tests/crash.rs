@@ -83,7 +83,10 @@ impl Model {
             let acked = self.acked[b as usize];
             let inflight = self.inflight[b as usize];
             if blk.iter().all(|&x| x == 0) {
-                assert_eq!(acked, 0, "{who}: block {b} lost acknowledged version {acked} (seed {seed})");
+                assert_eq!(
+                    acked, 0,
+                    "{who}: block {b} lost acknowledged version {acked} (seed {seed})"
+                );
                 continue;
             }
             let version = u64::from_be_bytes(blk[8..16].try_into().unwrap());
@@ -142,7 +145,11 @@ fn spawn_writers(
         .collect()
 }
 
-fn stop_writers(rt: &tokio::runtime::Runtime, stop: &AtomicBool, ws: Vec<tokio::task::JoinHandle<()>>) {
+fn stop_writers(
+    rt: &tokio::runtime::Runtime,
+    stop: &AtomicBool,
+    ws: Vec<tokio::task::JoinHandle<()>>,
+) {
     stop.store(true, Ordering::SeqCst);
     for w in ws {
         let _ = rt.block_on(async { tokio::time::timeout(T, w).await });
@@ -179,7 +186,14 @@ fn kill_primary(seed: u64) {
     let mut epoch = 1;
     for it in 0..iters() {
         let stop = Arc::new(AtomicBool::new(false));
-        let ws = spawn_writers(&rt, pri.node.nbd_addr(), seed, model.clone(), stop.clone(), (it as u64 + 1) << 40);
+        let ws = spawn_writers(
+            &rt,
+            pri.node.nbd_addr(),
+            seed,
+            model.clone(),
+            stop.clone(),
+            (it as u64 + 1) << 40,
+        );
         std::thread::sleep(Duration::from_millis(rng.random_range(30..300)));
         pri.kill();
         stop_writers(&rt, &stop, ws);
@@ -187,17 +201,28 @@ fn kill_primary(seed: u64) {
         epoch += 1;
         let r = sec.ctl(json!({"cmd":"promote","epoch":epoch}));
         assert_eq!(r["ok"], true, "promote: {r}");
-        model.lock().unwrap().check(seed, &sec.data(), &format!("promoted {} (iteration {it})", sec.node.name));
+        model.lock().unwrap().check(
+            seed,
+            &sec.data(),
+            &format!("promoted {} (iteration {it})", sec.node.name),
+        );
         let old = pri.node.clone();
         let new_sec = old.start("secondary", 0);
         sec.wait_link("in_sync", T);
         verify_clean(&sec);
-        model.lock().unwrap().check(seed, &new_sec.data(), &format!("resynced {} (iteration {it})", old.name));
+        model.lock().unwrap().check(
+            seed,
+            &new_sec.data(),
+            &format!("resynced {} (iteration {it})", old.name),
+        );
         pri = sec;
         sec = new_sec;
     }
     let acks = model.lock().unwrap().acks;
-    eprintln!("  seed {seed}: {acks} acknowledged writes checked over {} failovers", iters());
+    eprintln!(
+        "  seed {seed}: {acks} acknowledged writes checked over {} failovers",
+        iters()
+    );
     assert!(acks > 0, "no write was ever acknowledged");
     drop(pri);
     drop(sec);
@@ -214,7 +239,14 @@ fn kill_secondary(seed: u64) {
     let pri = a.start("primary", 1);
     pri.wait_link("in_sync", T);
     let stop = Arc::new(AtomicBool::new(false));
-    let ws = spawn_writers(&rt, a.nbd_addr(), seed, model.clone(), stop.clone(), 1 << 40);
+    let ws = spawn_writers(
+        &rt,
+        a.nbd_addr(),
+        seed,
+        model.clone(),
+        stop.clone(),
+        1 << 40,
+    );
     for _ in 0..iters() {
         std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
         sec.kill();
@@ -245,10 +277,14 @@ impl Proxy {
         let cut = Arc::new(AtomicBool::new(false));
         let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
         let (c2, k2) = (cut.clone(), conns.clone());
-        let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))).unwrap();
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .unwrap();
         rt.spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = listener.accept().await else { return };
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
                 if c2.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused-ish
                 }
@@ -289,7 +325,14 @@ fn cut_link(seed: u64) {
     let pri = a.start("primary", 1);
     pri.wait_link("in_sync", T);
     let stop = Arc::new(AtomicBool::new(false));
-    let ws = spawn_writers(&rt, a.nbd_addr(), seed, model.clone(), stop.clone(), 1 << 40);
+    let ws = spawn_writers(
+        &rt,
+        a.nbd_addr(),
+        seed,
+        model.clone(),
+        stop.clone(),
+        1 << 40,
+    );
     for _ in 0..iters() {
         std::thread::sleep(Duration::from_millis(rng.random_range(20..300)));
         proxy.cut();

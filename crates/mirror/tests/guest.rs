@@ -41,8 +41,14 @@ impl Drop for Qemu {
 #[test]
 fn guest_writes_through_secondary_restart() {
     let gd = guest_dir();
-    if !have("qemu-system-x86_64") || !gd.join("vmlinuz").exists() || !gd.join("initrd.img").exists() {
-        eprintln!("skipped: qemu-system-x86_64 or the test guest ({}) is missing", gd.display());
+    if !have("qemu-system-x86_64")
+        || !gd.join("vmlinuz").exists()
+        || !gd.join("initrd.img").exists()
+    {
+        eprintln!(
+            "skipped: qemu-system-x86_64 or the test guest ({}) is missing",
+            gd.display()
+        );
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -60,7 +66,16 @@ fn guest_writes_through_secondary_restart() {
     );
     let _qemu = Qemu(
         Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config"])
+            .args([
+                "-accel",
+                "tcg",
+                "-m",
+                "256",
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+            ])
             .args(["-display", "none"])
             .arg("-kernel")
             .arg(gd.join("vmlinuz"))
@@ -81,7 +96,9 @@ fn guest_writes_through_secondary_restart() {
             .spawn()
             .expect("spawn qemu"),
     );
-    let sock = wait_until("console socket", Duration::from_secs(30), || UnixStream::connect(&console).ok());
+    let sock = wait_until("console socket", Duration::from_secs(30), || {
+        UnixStream::connect(&console).ok()
+    });
     let lines: Arc<Mutex<Vec<String>>> = Arc::default();
     let acks: Arc<Mutex<HashMap<u64, u64>>> = Arc::default();
     {
@@ -105,21 +122,31 @@ fn guest_writes_through_secondary_restart() {
     }
     let saw = |what: &str| lines.lock().unwrap().iter().any(|l| l.contains(what));
     let count = || acks.lock().unwrap().values().sum::<u64>();
-    wait_until("guest ready", Duration::from_secs(120), || saw("pv-guest: ready").then_some(()));
+    wait_until("guest ready", Duration::from_secs(120), || {
+        saw("pv-guest: ready").then_some(())
+    });
     let mut w = sock.try_clone().unwrap();
     w.write_all(b"pv writer 77 64\n").unwrap();
-    wait_until("first acks", Duration::from_secs(60), || (count() >= 40).then_some(()));
+    wait_until("first acks", Duration::from_secs(60), || {
+        (count() >= 40).then_some(())
+    });
     // The secondary dies; the guest keeps writing (degraded).
     pb.kill();
     let before = count();
-    wait_until("acks while degraded", Duration::from_secs(60), || (count() >= before + 40).then_some(()));
+    wait_until("acks while degraded", Duration::from_secs(60), || {
+        (count() >= before + 40).then_some(())
+    });
     assert_eq!(pa.status()["degraded"], true);
     let pb = b.start("secondary", 0);
     pa.wait_link("in_sync", Duration::from_secs(60));
     let before = count();
-    wait_until("acks after resync", Duration::from_secs(60), || (count() >= before + 40).then_some(()));
+    wait_until("acks after resync", Duration::from_secs(60), || {
+        (count() >= before + 40).then_some(())
+    });
     w.write_all(b"pv stop\n").unwrap();
-    wait_until("writer stopped", Duration::from_secs(60), || saw("pv-guest: stopped").then_some(()));
+    wait_until("writer stopped", Duration::from_secs(60), || {
+        saw("pv-guest: stopped").then_some(())
+    });
     let v = pa.ctl(json!({"cmd":"verify"}));
     assert_eq!(v["result"]["differing_count"], 0, "{v}");
     let acks = acks.lock().unwrap().clone();
@@ -134,5 +161,9 @@ fn guest_writes_through_secondary_restart() {
     }
     let s = pa.status();
     assert!(s["stats"]["flush_ops"].as_u64().unwrap() > 0, "{s}");
-    eprintln!("guest: {} blocks, {} acknowledged writes checked on both replicas", acks.len(), acks.values().sum::<u64>());
+    eprintln!(
+        "guest: {} blocks, {} acknowledged writes checked on both replicas",
+        acks.len(),
+        acks.values().sum::<u64>()
+    );
 }

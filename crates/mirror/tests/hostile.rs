@@ -95,7 +95,11 @@ fn handshake_abuse_closes_or_errors() {
     send_opt(&mut s, OPT_GO, &go);
     assert_eq!(read_opt_reply(&mut s).1, REP_ERR_UNKNOWN);
     send_opt(&mut s, OPT_SET_META_CONTEXT, &[0; 8]);
-    assert_eq!(read_opt_reply(&mut s).1, REP_ERR_INVALID, "meta before structured");
+    assert_eq!(
+        read_opt_reply(&mut s).1,
+        REP_ERR_INVALID,
+        "meta before structured"
+    );
     send_opt(&mut s, OPT_STARTTLS, &[]);
     assert_eq!(read_opt_reply(&mut s).1, REP_ERR_POLICY);
     send_opt(&mut s, OPT_LIST, &[]);
@@ -138,8 +142,14 @@ fn transmission_abuse() {
         // Out of range and overflowing ranges.
         assert_eq!(errno(c.read(8 * MIB, 1).await), EINVAL);
         assert_eq!(errno(c.read(u64::MAX - 10, 4096).await), EINVAL);
-        assert!(matches!(c.write(8 * MIB - 10, &[1u8; 20], false).await, Err(ClientError::Server(ENOSPC))));
-        assert!(matches!(c.write(u64::MAX - 4, &[1u8; 20], true).await, Err(ClientError::Server(ENOSPC))));
+        assert!(matches!(
+            c.write(8 * MIB - 10, &[1u8; 20], false).await,
+            Err(ClientError::Server(ENOSPC))
+        ));
+        assert!(matches!(
+            c.write(u64::MAX - 4, &[1u8; 20], true).await,
+            Err(ClientError::Server(ENOSPC))
+        ));
         assert_eq!(errno(c.raw(CMD_TRIM, 0, 8 * MIB - 1, 2).await), ENOSPC);
         assert_eq!(errno(c.raw(CMD_WRITE_ZEROES, 0, u64::MAX, 1).await), ENOSPC);
         // Oversized read, unknown command, unknown flags, block status
@@ -158,7 +168,14 @@ fn transmission_abuse() {
     send_opt(&mut s, OPT_EXPORT_NAME, b"vol");
     let mut r = [0u8; 10];
     s.read_exact(&mut r).unwrap();
-    let hdr = Request { flags: 0, kind: CMD_WRITE, cookie: 1, offset: 0, length: u32::MAX }.encode();
+    let hdr = Request {
+        flags: 0,
+        kind: CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: u32::MAX,
+    }
+    .encode();
     s.write_all(&hdr).unwrap();
     assert!(closed(&mut s));
     // Bad request magic closes it too.
@@ -183,7 +200,10 @@ fn transmission_abuse() {
         let _ = s.write_all(&junk);
     }
     // Nothing was written outside the volume, and the server is alive.
-    assert_eq!(std::fs::metadata(n.dir.join("data.raw")).unwrap().len(), 8 * MIB);
+    assert_eq!(
+        std::fs::metadata(n.dir.join("data.raw")).unwrap().len(),
+        8 * MIB
+    );
     rt.block_on(async {
         let c = NbdClient::connect_tcp(&addr, "vol").await.unwrap();
         assert_eq!(c.read(0, 4096).await.unwrap(), vec![7u8; 4096]);
@@ -209,13 +229,19 @@ fn replication_refuses_strangers() {
     // A well-formed hello with a wrong MAC and a huge epoch.
     let mut s = connect(&b.repl_addr());
     s.read_exact(&mut g).unwrap();
-    let hello = serde_json::to_vec(&json!({"volume_id":"vol","size":8*MIB,"region_size":MIB,"epoch":999})).unwrap();
+    let hello =
+        serde_json::to_vec(&json!({"volume_id":"vol","size":8*MIB,"region_size":MIB,"epoch":999}))
+            .unwrap();
     let mut m = (hello.len() as u32).to_be_bytes().to_vec();
     m.extend_from_slice(&hello);
     m.extend_from_slice(&[0u8; 64]);
     s.write_all(&m).unwrap();
     assert!(closed(&mut s));
-    assert_eq!(std::fs::read(b.dir.join("meta.json")).unwrap(), before, "stranger changed the replica");
+    assert_eq!(
+        std::fs::read(b.dir.join("meta.json")).unwrap(),
+        before,
+        "stranger changed the replica"
+    );
 
     // A primary with the wrong secret is refused as well, and refuses in turn.
     let mut a = Node::new(d.path(), "a", 8 * MIB);

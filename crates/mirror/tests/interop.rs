@@ -30,7 +30,13 @@ fn nbdinfo_reports_size_and_capabilities() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let e = &v["exports"][0];
     assert_eq!(e["export-size"], 64 * MIB);
-    for cap in ["can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"] {
+    for cap in [
+        "can_flush",
+        "can_fua",
+        "can_trim",
+        "can_zero",
+        "can_multi_conn",
+    ] {
         assert_eq!(e[cap], true, "{cap}: {out}");
     }
     assert_eq!(e["is_read_only"], false);
@@ -56,24 +62,42 @@ fn qemu_io_read_write_zero_discard_flush_aio() {
     let p = simplex(d.path(), 64 * MIB);
     let uri = p.node.nbd_uri();
     let out = run(Command::new("qemu-io").args([
-        "-f", "raw",
-        "-c", "write -P 0xab 0 1M",
-        "-c", "write -P 0xcd -f 1M 4k",
-        "-c", "read -P 0xab 0 1M",
-        "-c", "read -P 0xcd 1M 4k",
-        "-c", "write -z 2M 512k",
-        "-c", "read -P 0 2M 512k",
-        "-c", "write -P 0x55 3M 64k",
-        "-c", "discard 3M 64k",
-        "-c", "flush",
-        "-c", "aio_write -P 0x11 4M 64k",
-        "-c", "aio_write -P 0x12 5M 64k",
-        "-c", "aio_write -P 0x13 6M 64k",
-        "-c", "aio_write -P 0x14 7M 64k",
-        "-c", "aio_flush",
-        "-c", "read -P 0x11 4M 64k",
-        "-c", "read -P 0x14 7M 64k",
-        "-c", "read -P 0 63M 1M",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0xab 0 1M",
+        "-c",
+        "write -P 0xcd -f 1M 4k",
+        "-c",
+        "read -P 0xab 0 1M",
+        "-c",
+        "read -P 0xcd 1M 4k",
+        "-c",
+        "write -z 2M 512k",
+        "-c",
+        "read -P 0 2M 512k",
+        "-c",
+        "write -P 0x55 3M 64k",
+        "-c",
+        "discard 3M 64k",
+        "-c",
+        "flush",
+        "-c",
+        "aio_write -P 0x11 4M 64k",
+        "-c",
+        "aio_write -P 0x12 5M 64k",
+        "-c",
+        "aio_write -P 0x13 6M 64k",
+        "-c",
+        "aio_write -P 0x14 7M 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 0x11 4M 64k",
+        "-c",
+        "read -P 0x14 7M 64k",
+        "-c",
+        "read -P 0 63M 1M",
         &uri,
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
@@ -81,7 +105,13 @@ fn qemu_io_read_write_zero_discard_flush_aio() {
     // Through the Unix socket and with an unaligned write.
     let uri = format!("nbd+unix:///vol?socket={}", p.node.nbd_unix.display());
     let out = run(Command::new("qemu-io").args([
-        "-f", "raw", "-c", "write -P 0x77 10001 333", "-c", "read -P 0x77 10001 333", &uri,
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x77 10001 333",
+        "-c",
+        "read -P 0x77 10001 333",
+        &uri,
     ]));
     assert!(!out.contains("Pattern verification failed"), "{out}");
     // A read past the end is refused.
@@ -89,8 +119,15 @@ fn qemu_io_read_write_zero_discard_flush_aio() {
         .args(["-f", "raw", "-c", "read 64M 4k", &p.node.nbd_uri()])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("Input/output error") || text.contains("Invalid argument") || text.contains("out of bounds") || text.contains("beyond"), "{text}");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("Input/output error")
+            || text.contains("Invalid argument")
+            || text.contains("out of bounds")
+            || text.contains("beyond"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -107,14 +144,38 @@ fn qemu_img_info_convert_in_and_out() {
     assert_eq!(v["virtual-size"], 32 * MIB);
     // A source image with data and holes, converted into the export.
     let src = d.path().join("src.qcow2");
-    run(Command::new("qemu-img").args(["create", "-f", "qcow2"]).arg(&src).arg("32M"));
-    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x5a 1M 3M", "-c", "write -P 0xa5 20M 1M"]).arg(&src));
-    run(Command::new("qemu-img").args(["convert", "-n", "-f", "qcow2", "-O", "raw"]).arg(&src).arg(&uri));
-    run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&src).arg(&uri));
+    run(Command::new("qemu-img")
+        .args(["create", "-f", "qcow2"])
+        .arg(&src)
+        .arg("32M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 3M",
+            "-c",
+            "write -P 0xa5 20M 1M",
+        ])
+        .arg(&src));
+    run(Command::new("qemu-img")
+        .args(["convert", "-n", "-f", "qcow2", "-O", "raw"])
+        .arg(&src)
+        .arg(&uri));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&src)
+        .arg(&uri));
     // And out of it again, into a fresh file.
     let out = d.path().join("out.raw");
-    run(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw"]).arg(&uri).arg(&out));
-    run(Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(&src).arg(&out));
+    run(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&uri)
+        .arg(&out));
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(&src)
+        .arg(&out));
     // The allocation map (base:allocation) shows the holes.
     let map = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &uri]));
     assert!(map.contains("\"data\": false"), "{map}");
@@ -136,10 +197,19 @@ fn nbdcopy_in_and_out() {
         }
     }
     std::fs::write(&src, &data).unwrap();
-    run(Command::new("nbdcopy").arg(&src).arg(p.node.nbd_uri()).arg("--flush"));
+    run(Command::new("nbdcopy")
+        .arg(&src)
+        .arg(p.node.nbd_uri())
+        .arg("--flush"));
     let back = d.path().join("back.raw");
     run(Command::new("nbdcopy").arg(p.node.nbd_uri()).arg(&back));
-    assert!(std::fs::read(&back).unwrap() == data, "nbdcopy round trip differs");
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "nbdcopy round trip differs"
+    );
     // Several connections at once (nbdcopy uses multi-conn when offered).
-    run(Command::new("nbdcopy").args(["--connections=4", "--requests=16"]).arg(&src).arg(p.node.nbd_uri()));
+    run(Command::new("nbdcopy")
+        .args(["--connections=4", "--requests=16"])
+        .arg(&src)
+        .arg(p.node.nbd_uri()));
 }

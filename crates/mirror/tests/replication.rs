@@ -24,7 +24,9 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| seed.wrapping_add((i % 253) as u8)).collect()
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 253) as u8))
+        .collect()
 }
 
 #[test]
@@ -43,7 +45,11 @@ fn acknowledged_writes_are_on_both_replicas() {
             c.write(off, &data, i % 2 == 0).await.unwrap();
             // Acknowledged: it must already be in the partner's replica.
             let on_b = pb.data();
-            assert_eq!(&on_b[off as usize..off as usize + data.len()], &data[..], "write {i}");
+            assert_eq!(
+                &on_b[off as usize..off as usize + data.len()],
+                &data[..],
+                "write {i}"
+            );
         }
         c.write_zeroes(0, 4096).await.unwrap();
         c.flush().await.unwrap();
@@ -53,7 +59,9 @@ fn acknowledged_writes_are_on_both_replicas() {
     assert!(s["stats"]["replicated_ops"].as_u64().unwrap() >= 21, "{s}");
     assert!(s["stats"]["replication_latency_avg_us"].as_f64().unwrap() > 0.0);
     assert_eq!(s["stats"]["write_ops"], 21);
-    assert!((s["stats"]["avg_write_bytes"].as_f64().unwrap() - (20.0 * 70_000.0) / 21.0).abs() < 1.0);
+    assert!(
+        (s["stats"]["avg_write_bytes"].as_f64().unwrap() - (20.0 * 70_000.0) / 21.0).abs() < 1.0
+    );
     assert!(s["stats"]["sync_link_advice"]["overall"].is_string());
     let v = pa.ctl(json!({"cmd":"verify"}));
     assert_eq!(v["result"]["differing_count"], 0, "{v}");
@@ -73,25 +81,36 @@ fn degraded_writes_then_bitmap_resync() {
     let pa = a.start("primary", 1);
     pa.wait_link("in_sync", T);
     let full = pa.status()["last_resync"].clone();
-    assert_eq!(full["total_regions"], 256, "first sync is a full copy: {full}");
+    assert_eq!(
+        full["total_regions"], 256,
+        "first sync is a full copy: {full}"
+    );
     pb.kill();
     rt().block_on(async {
         let c = NbdClient::connect_tcp(&a.nbd_addr(), "vol").await.unwrap();
         // Three regions written while the partner is down.
         for (i, off) in [5 * MIB, 100 * MIB + 17, 200 * MIB].iter().enumerate() {
-            c.write(*off, &pattern(i as u8 + 1, 300_000), true).await.unwrap();
+            c.write(*off, &pattern(i as u8 + 1, 300_000), true)
+                .await
+                .unwrap();
         }
     });
     let s = pa.status();
     assert_eq!(s["degraded"], true, "{s}");
     assert!(s["dirty_regions"].as_u64().unwrap() >= 3);
-    assert_ne!(s["gen"]["bitmap"], 0, "degraded writes start a new generation");
+    assert_ne!(
+        s["gen"]["bitmap"], 0,
+        "degraded writes start a new generation"
+    );
     let pb = b.start("secondary", 0);
     pa.wait_link("in_sync", T);
     let r = pa.status()["last_resync"].clone();
     let copied = r["total_regions"].as_u64().unwrap();
-    assert!((3..=8).contains(&copied), "only dirty regions are copied: {r}");
-    assert_eq!(pa.status()["dirty_regions"].as_u64().unwrap() <= 4, true);
+    assert!(
+        (3..=8).contains(&copied),
+        "only dirty regions are copied: {r}"
+    );
+    assert!(pa.status()["dirty_regions"].as_u64().unwrap() <= 4);
     assert_eq!(pa.status()["gen"]["current"], pb.status()["gen"]["current"]);
     assert_eq!(pb.status()["consistent"], true);
     let v = pa.ctl(json!({"cmd":"verify"}));
@@ -106,7 +125,10 @@ fn lease_lost_holds_io_until_partner_returns() {
     let mut pb = b.start("secondary", 0);
     let pa = a.start("primary", 1);
     pa.wait_link("in_sync", T);
-    assert_eq!(pa.ctl(json!({"cmd":"set_may_degrade","allow":false}))["ok"], true);
+    assert_eq!(
+        pa.ctl(json!({"cmd":"set_may_degrade","allow":false}))["ok"],
+        true
+    );
     pb.kill();
     let rt = rt();
     let addr = a.nbd_addr();
@@ -117,12 +139,18 @@ fn lease_lost_holds_io_until_partner_returns() {
     wait_until("write held", T, || {
         (pa.status()["writes_held"].as_u64() == Some(1)).then_some(())
     });
-    assert!(!w.is_finished(), "a write was acknowledged without partner and lease");
+    assert!(
+        !w.is_finished(),
+        "a write was acknowledged without partner and lease"
+    );
     let pb = b.start("secondary", 0);
     wait_until("held write released", T, || w.is_finished().then_some(()));
     rt.block_on(w).unwrap().unwrap();
     pa.wait_link("in_sync", T);
-    assert_eq!(&pb.data()[3 * MIB as usize..3 * MIB as usize + 8192], &pattern(9, 8192)[..]);
+    assert_eq!(
+        &pb.data()[3 * MIB as usize..3 * MIB as usize + 8192],
+        &pattern(9, 8192)[..]
+    );
     // Lease back: degraded writes are acknowledged again.
     pa.ctl(json!({"cmd":"set_may_degrade","allow":true}));
     drop(pb);
@@ -159,15 +187,25 @@ fn split_brain_is_detected_and_resolved_by_decision() {
     assert_eq!(pa.ctl(json!({"cmd":"demote"}))["ok"], true);
     pb.wait_link("split_brain", T);
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(pb.link_state(), "split_brain", "never resynced without a decision");
+    assert_eq!(
+        pb.link_state(),
+        "split_brain",
+        "never resynced without a decision"
+    );
     assert_ne!(pa.data(), pb.data());
     // The admin keeps b's copy.
-    assert_eq!(pb.ctl(json!({"cmd":"decide","decision":"keep_local"}))["ok"], true);
+    assert_eq!(
+        pb.ctl(json!({"cmd":"decide","decision":"keep_local"}))["ok"],
+        true
+    );
     pb.wait_link("in_sync", T);
     let v = pb.ctl(json!({"cmd":"verify"}));
     assert_eq!(v["result"]["differing_count"], 0, "{v}");
     assert_eq!(pa.data(), pb.data());
-    assert_eq!(&pa.data()[MIB as usize..MIB as usize + 4096], &pattern(2, 4096)[..]);
+    assert_eq!(
+        &pa.data()[MIB as usize..MIB as usize + 4096],
+        &pattern(2, 4096)[..]
+    );
     assert_eq!(pb.status()["decision"], serde_json::Value::Null);
 }
 
@@ -181,7 +219,10 @@ fn verify_reports_differing_regions() {
     pb.kill();
     // Damage region 5 of b's copy behind the engine's back.
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).open(b.dir.join("data.raw")).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(b.dir.join("data.raw"))
+        .unwrap();
     f.write_all_at(b"bit rot", 5 * MIB + 123).unwrap();
     drop(f);
     let _pb = b.start("secondary", 0);
@@ -209,9 +250,15 @@ fn switchover_with_epochs() {
         let c = NbdClient::connect_tcp(&b.nbd_addr(), "vol").await.unwrap();
         c.write(7 * MIB, &pattern(7, 65536), true).await.unwrap();
         let old = NbdClient::connect_tcp(&a.nbd_addr(), "vol").await.unwrap();
-        assert!(old.write(0, &[1; 512], true).await.is_err(), "demoted replica refuses writes");
+        assert!(
+            old.write(0, &[1; 512], true).await.is_err(),
+            "demoted replica refuses writes"
+        );
     });
-    assert_eq!(&pa.data()[7 * MIB as usize..7 * MIB as usize + 65536], &pattern(7, 65536)[..]);
+    assert_eq!(
+        &pa.data()[7 * MIB as usize..7 * MIB as usize + 65536],
+        &pattern(7, 65536)[..]
+    );
     // Promoting a again needs a higher epoch than 2.
     pb.ctl(json!({"cmd":"demote"}));
     assert_eq!(pa.ctl(json!({"cmd":"promote","epoch":2}))["ok"], false);

@@ -62,10 +62,16 @@ impl Drop for Killer {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
-fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -92,7 +98,10 @@ fn pv_mirror_bin() -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     let p = me.with_file_name("pv-mirror");
     if !p.exists() {
-        bail!("{} not found: build the pv-mirror binary first", p.display());
+        bail!(
+            "{} not found: build the pv-mirror binary first",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -112,13 +121,31 @@ fn start_mirror(
     partner: Option<u16>,
     extra: &[&str],
 ) -> anyhow::Result<(MirrorNode, Child)> {
+    start_mirror_at(root, name, size, role, partner, extra, None)
+}
+
+fn start_mirror_at(
+    root: &Path,
+    name: &str,
+    size: u64,
+    role: &str,
+    partner: Option<u16>,
+    extra: &[&str],
+    ports: Option<(u16, u16)>,
+) -> anyhow::Result<(MirrorNode, Child)> {
     let secret = root.join("secret");
     std::fs::write(&secret, b"bench-secret")?;
     let n = MirrorNode {
         dir: root.join(name),
         control: root.join(format!("{name}.ctl")),
-        nbd_port: free_port()?,
-        repl_port: free_port()?,
+        nbd_port: match ports {
+            Some(p) => p.0,
+            None => free_port()?,
+        },
+        repl_port: match ports {
+            Some(p) => p.1,
+            None => free_port()?,
+        },
     };
     let _ = std::fs::remove_file(&n.control);
     let mut c = Command::new(pv_mirror_bin()?);
@@ -168,12 +195,42 @@ struct Workload {
 }
 
 const WORKLOADS: &[Workload] = &[
-    Workload { name: "seq_write_1m_qd1", kind: Kind::SeqWrite, bs: 1 << 20, qd: 1 },
-    Workload { name: "seq_write_1m_qd4", kind: Kind::SeqWrite, bs: 1 << 20, qd: 4 },
-    Workload { name: "rand_write_4k_qd1", kind: Kind::RandWrite, bs: 4096, qd: 1 },
-    Workload { name: "rand_write_4k_qd32", kind: Kind::RandWrite, bs: 4096, qd: 32 },
-    Workload { name: "rand_read_4k_qd1", kind: Kind::RandRead, bs: 4096, qd: 1 },
-    Workload { name: "rand_read_4k_qd32", kind: Kind::RandRead, bs: 4096, qd: 32 },
+    Workload {
+        name: "seq_write_1m_qd1",
+        kind: Kind::SeqWrite,
+        bs: 1 << 20,
+        qd: 1,
+    },
+    Workload {
+        name: "seq_write_1m_qd4",
+        kind: Kind::SeqWrite,
+        bs: 1 << 20,
+        qd: 4,
+    },
+    Workload {
+        name: "rand_write_4k_qd1",
+        kind: Kind::RandWrite,
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "rand_write_4k_qd32",
+        kind: Kind::RandWrite,
+        bs: 4096,
+        qd: 32,
+    },
+    Workload {
+        name: "rand_read_4k_qd1",
+        kind: Kind::RandRead,
+        bs: 4096,
+        qd: 1,
+    },
+    Workload {
+        name: "rand_read_4k_qd32",
+        kind: Kind::RandRead,
+        bs: 4096,
+        qd: 32,
+    },
 ];
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -203,7 +260,8 @@ async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyh
                 let t = Instant::now();
                 match kind {
                     Kind::SeqWrite => {
-                        let i = next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % blocks;
+                        let i =
+                            next_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % blocks;
                         c.write(i * bs as u64, &buf, false).await?;
                     }
                     Kind::RandWrite => {
@@ -257,7 +315,11 @@ async fn bench_target(addr: &str, args: &Args) -> anyhow::Result<Value> {
     let area = args.area_mib * MIB;
     let t = Instant::now();
     prefill(addr, area).await?;
-    eprintln!("  prefill {} MiB: {:.1}s", args.area_mib, t.elapsed().as_secs_f64());
+    eprintln!(
+        "  prefill {} MiB: {:.1}s",
+        args.area_mib,
+        t.elapsed().as_secs_f64()
+    );
     let mut out = serde_json::Map::new();
     for w in WORKLOADS {
         let r = run_workload(addr, w, args.seconds, area).await?;
@@ -271,7 +333,8 @@ fn ratio(a: &Value, b: &Value) -> Value {
     let mut out = serde_json::Map::new();
     if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
         for (k, va) in a {
-            let (Some(x), Some(y)) = (va["mb_per_sec"].as_f64(), b[k]["mb_per_sec"].as_f64()) else {
+            let (Some(x), Some(y)) = (va["mb_per_sec"].as_f64(), b[k]["mb_per_sec"].as_f64())
+            else {
                 continue;
             };
             if y > 0.0 {
@@ -291,7 +354,12 @@ async fn mirror_pair(root: &Path, size: u64, args: &Args, extra: &[&str]) -> any
     bench_target(&format!("127.0.0.1:{}", a.nbd_port), args).await
 }
 
-async fn mirror_simplex(root: &Path, size: u64, args: &Args, extra: &[&str]) -> anyhow::Result<Value> {
+async fn mirror_simplex(
+    root: &Path,
+    size: u64,
+    args: &Args,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
     std::fs::create_dir_all(root)?;
     let (a, ca) = start_mirror(root, "a", size, "primary", None, extra)?;
     let _k = Killer(vec![ca]);
@@ -304,7 +372,16 @@ async fn qemu_nbd(root: &Path, size: u64, args: &Args, cache: &str) -> anyhow::R
     std::fs::File::create(&file)?.set_len(size)?;
     let port = free_port()?;
     let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-x", "vol", "-b", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-f",
+            "raw",
+            "-x",
+            "vol",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
         .arg(format!("--cache={cache}"))
         .args(["--shared=16", "--persistent"])
         .arg(&file)
@@ -342,7 +419,15 @@ async fn resync_time(root: &Path, size_mib: u64, dirty_mib: u64) -> anyhow::Resu
         c.disconnect().await?;
     }
     let t = Instant::now();
-    let (_b2, cb2) = start_mirror(root, "b", size, "secondary", None, &[])?;
+    let (_b2, cb2) = start_mirror_at(
+        root,
+        "b",
+        size,
+        "secondary",
+        None,
+        &[],
+        Some((b.nbd_port, b.repl_port)),
+    )?;
     kill.0.push(cb2);
     let st = wait_in_sync(&a.control, Duration::from_secs(300))?;
     let secs = t.elapsed().as_secs_f64();
@@ -359,7 +444,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let size = args.size_mib * MIB;
     rt.block_on(async {
         eprintln!("(a) replicated, every-write");

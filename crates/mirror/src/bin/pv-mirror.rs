@@ -90,8 +90,7 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -108,7 +107,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Replica::open(&args.dir).context("opening replica")?
     } else {
         let Some(size) = args.size else {
-            bail!("{} holds no replica: give --size to create one", args.dir.display());
+            bail!(
+                "{} holds no replica: give --size to create one",
+                args.dir.display()
+            );
         };
         Replica::create(
             &args.dir,
@@ -154,7 +156,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let RoleArg::Primary = args.role {
         let stored = vol.replica().meta().epoch;
         if args.epoch == stored {
-            vol.resume_primary(args.epoch).context("resuming as primary")?;
+            vol.resume_primary(args.epoch)
+                .context("resuming as primary")?;
         } else {
             vol.promote(args.epoch, false)
                 .await

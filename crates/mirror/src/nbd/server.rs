@@ -129,7 +129,9 @@ impl NbdServer {
         wr.flush().await?;
         let cflags = rd.read_u32().await?;
         if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
-            return Err(NbdError::Protocol(format!("unknown client flags {cflags:#x}")));
+            return Err(NbdError::Protocol(format!(
+                "unknown client flags {cflags:#x}"
+            )));
         }
         let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
         let mut session = Session {
@@ -245,8 +247,12 @@ impl NbdServer {
                                     .await?;
                             }
                             Some((name, _)) if !self.name_matches(name) => {
-                                wr.write_all(&option_reply(opt, REP_ERR_UNKNOWN, b"no such export"))
-                                    .await?;
+                                wr.write_all(&option_reply(
+                                    opt,
+                                    REP_ERR_UNKNOWN,
+                                    b"no such export",
+                                ))
+                                .await?;
                             }
                             Some((_, queries)) => {
                                 let list = opt == OPT_LIST_META_CONTEXT;
@@ -262,7 +268,8 @@ impl NbdServer {
                                     let id = if list { 0 } else { META_BASE_ALLOCATION_ID };
                                     let mut d = id.to_be_bytes().to_vec();
                                     d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
-                                    wr.write_all(&option_reply(opt, REP_META_CONTEXT, &d)).await?;
+                                    wr.write_all(&option_reply(opt, REP_META_CONTEXT, &d))
+                                        .await?;
                                 }
                                 wr.write_all(&option_reply(opt, REP_ACK, &[])).await?;
                             }
@@ -397,7 +404,13 @@ impl NbdServer {
                         if session.structured {
                             if data.is_empty() {
                                 let mut v = Vec::new();
-                                structured_header(&mut v, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+                                structured_header(
+                                    &mut v,
+                                    REPLY_FLAG_DONE,
+                                    REPLY_TYPE_NONE,
+                                    cookie,
+                                    0,
+                                );
                                 return v;
                             }
                             let mut v = Vec::with_capacity(28 + data.len());
@@ -524,7 +537,10 @@ mod tests {
         good.extend_from_slice(b"abc");
         good.extend_from_slice(&1u16.to_be_bytes());
         good.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info(&good), Some((&b"abc"[..], vec![INFO_BLOCK_SIZE])));
+        assert_eq!(
+            parse_info(&good),
+            Some((&b"abc"[..], vec![INFO_BLOCK_SIZE]))
+        );
         assert_eq!(parse_info(&good[..good.len() - 1]), None);
         assert_eq!(parse_info(&[0xff, 0xff, 0xff, 0xff]), None);
         assert_eq!(parse_info(&[]), None);

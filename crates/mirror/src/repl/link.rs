@@ -46,7 +46,9 @@ pub struct PeerLink {
 
 impl std::fmt::Debug for PeerLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerLink").field("peer", &self.peer).finish()
+        f.debug_struct("PeerLink")
+            .field("peer", &self.peer)
+            .finish()
     }
 }
 
@@ -106,7 +108,11 @@ impl PeerLink {
                     break format!("receive failed: {e}");
                 }
                 let Some(l) = weak.upgrade() else { return };
-                let w = l.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&f.id);
+                let w = l
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&f.id);
                 if let Some(w) = w {
                     let _ = w.send(Reply {
                         status: f.aux,
@@ -132,7 +138,10 @@ impl PeerLink {
 
     /// Why the link closed, if it did.
     pub fn close_reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Closes the link and fails every waiter.
@@ -146,7 +155,12 @@ impl PeerLink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
         self.closed.notify_waiters();
@@ -222,7 +236,12 @@ impl PeerLink {
 
 impl Drop for PeerLink {
     fn drop(&mut self) {
-        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for t in self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             t.abort();
         }
     }

@@ -169,16 +169,17 @@ impl Proc {
     }
 
     pub fn link_state(&self) -> String {
-        self.status()["link"]["state"].as_str().unwrap_or("").to_string()
+        self.status()["link"]["state"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
     }
 
     /// Waits until the link state is `state`.
     pub fn wait_link(&self, state: &str, timeout: Duration) {
-        wait_until(
-            &format!("{} link {state}", self.node.name),
-            timeout,
-            || (self.link_state() == state).then_some(()),
-        );
+        wait_until(&format!("{} link {state}", self.node.name), timeout, || {
+            (self.link_state() == state).then_some(())
+        });
     }
 
     /// SIGKILLs the process.
