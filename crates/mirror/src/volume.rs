@@ -667,14 +667,8 @@ impl Volume {
     async fn send_op(&self, link: &PeerLink, op: &Op, durable: bool) -> Result<(), String> {
         let res = match op {
             Op::Write { offset, data } => {
-                link.request(
-                    K_WRITE,
-                    durable_flag(durable),
-                    *offset,
-                    data.len() as u32,
-                    data,
-                )
-                .await
+                link.request_shared(K_WRITE, durable_flag(durable), *offset, data.clone())
+                    .await
             }
             Op::Zero { offset, len } => {
                 // Ranges longer than a frame can describe are split.

@@ -46,6 +46,27 @@ struct Args {
     /// Skip the resync timing.
     #[arg(long)]
     no_resync: bool,
+    /// Emulate two hosts on a 2-CPU machine: the benchmark client, the
+    /// primary, the simplex replica and qemu-nbd run on CPU 0, the secondary
+    /// alone on CPU 1 (as if it were the partner PM). Without it all share
+    /// every CPU, so the secondary's receive-and-write work competes with the
+    /// primary's.
+    #[arg(long)]
+    pin_secondary: bool,
+}
+
+/// Set from `--pin-secondary`.
+static PIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// A command, started under `taskset -c CPU` when pinning.
+fn pinned(program: impl AsRef<std::ffi::OsStr>, cpu: u32) -> Command {
+    if PIN.get().copied().unwrap_or(false) {
+        let mut c = Command::new("taskset");
+        c.arg("-c").arg(cpu.to_string()).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -148,7 +169,7 @@ fn start_mirror_at(
         },
     };
     let _ = std::fs::remove_file(&n.control);
-    let mut c = Command::new(pv_mirror_bin()?);
+    let mut c = pinned(pv_mirror_bin()?, if role == "secondary" { 1 } else { 0 });
     c.arg("--dir")
         .arg(&n.dir)
         .args(["--size", &size.to_string(), "--volume-id", "vol"])
@@ -371,7 +392,7 @@ async fn qemu_nbd(root: &Path, size: u64, args: &Args, cache: &str) -> anyhow::R
     let file = root.join("disk.raw");
     std::fs::File::create(&file)?.set_len(size)?;
     let port = free_port()?;
-    let child = Command::new("qemu-nbd")
+    let child = pinned("qemu-nbd", 0)
         .args([
             "-f",
             "raw",
@@ -442,6 +463,17 @@ async fn resync_time(root: &Path, size_mib: u64, dirty_mib: u64) -> anyhow::Resu
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let _ = PIN.set(args.pin_secondary);
+    if args.pin_secondary {
+        // The client (this process and its threads) stays on CPU 0.
+        let ok = Command::new("taskset")
+            .args(["-a", "-c", "-p", "0", &std::process::id().to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        anyhow::ensure!(ok, "--pin-secondary needs taskset (util-linux) and 2 CPUs");
+    }
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -473,6 +505,7 @@ fn main() -> anyhow::Result<()> {
             "seconds_per_workload": args.seconds,
             "volume_mib": args.size_mib,
             "area_mib": args.area_mib,
+            "pin_secondary": args.pin_secondary,
             "durable_every_write": {
                 "a_replicated": replicated,
                 "b_simplex": simplex,

@@ -30,9 +30,17 @@ pub enum LinkError {
 
 type Waiters = Mutex<HashMap<u64, oneshot::Sender<Reply>>>;
 
+/// A frame on its way out: the encoded header (and small payloads), plus a
+/// shared large payload sent as is, so that a replicated write's data is not
+/// copied again on the primary before the socket.
+struct Outgoing {
+    head: Vec<u8>,
+    shared: Option<Arc<Vec<u8>>>,
+}
+
 /// An established, authenticated replication connection.
 pub struct PeerLink {
-    tx: mpsc::Sender<Vec<u8>>,
+    tx: mpsc::Sender<Outgoing>,
     pending: Waiters,
     next: AtomicU64,
     dead: AtomicBool,
@@ -59,7 +67,7 @@ impl PeerLink {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(1024);
         let link = Arc::new(PeerLink {
             tx,
             pending: Mutex::new(HashMap::new()),
@@ -75,10 +83,10 @@ impl PeerLink {
         let writer = tokio::spawn(async move {
             let mut wr = BufWriter::with_capacity(256 << 10, wr);
             let res: std::io::Result<()> = async {
-                while let Some(buf) = rx.recv().await {
-                    wr.write_all(&buf).await?;
+                while let Some(out) = rx.recv().await {
+                    write_out(&mut wr, &out).await?;
                     while let Ok(more) = rx.try_recv() {
-                        wr.write_all(&more).await?;
+                        write_out(&mut wr, &more).await?;
                     }
                     wr.flush().await?;
                 }
@@ -192,6 +200,33 @@ impl PeerLink {
         len: u32,
         payload: &[u8],
     ) -> Result<Reply, LinkError> {
+        self.send_frame(kind, flags, offset, len, payload, None)
+            .await
+    }
+
+    /// Like [`PeerLink::request`] with a shared payload (a write's data),
+    /// which is sent without another copy.
+    pub async fn request_shared(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        payload: Arc<Vec<u8>>,
+    ) -> Result<Reply, LinkError> {
+        let len = payload.len() as u32;
+        self.send_frame(kind, flags, offset, len, &[], Some(payload))
+            .await
+    }
+
+    async fn send_frame(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        shared: Option<Arc<Vec<u8>>>,
+    ) -> Result<Reply, LinkError> {
         if !self.is_alive() {
             return Err(self.down());
         }
@@ -220,7 +255,7 @@ impl PeerLink {
         let mut buf = Vec::with_capacity(Frame::LEN + payload.len());
         buf.extend_from_slice(&hdr);
         buf.extend_from_slice(payload);
-        if self.tx.send(buf).await.is_err() {
+        if self.tx.send(Outgoing { head: buf, shared }).await.is_err() {
             return Err(self.down());
         }
         match tokio::time::timeout(self.timeout, rx).await {
@@ -245,4 +280,12 @@ impl Drop for PeerLink {
             t.abort();
         }
     }
+}
+
+async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &Outgoing) -> std::io::Result<()> {
+    wr.write_all(&out.head).await?;
+    if let Some(p) = &out.shared {
+        wr.write_all(p).await?;
+    }
+    Ok(())
 }
