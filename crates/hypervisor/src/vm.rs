@@ -334,8 +334,14 @@ impl QemuVm {
         }
         let pid = read_pid_file(&pid_file)?;
         if !process::is_qemu_of(pid, &pid_file) {
+            // A process that is exiting still reads as alive for a moment
+            // after its memory (and so its command line) is gone.
+            let exiting = process::cmdline(pid).is_none();
             return Err(not_running(match process::state(pid) {
                 ProcState::Gone => format!("pid {pid} from {} has exited", pid_file.display()),
+                ProcState::Alive if exiting => {
+                    format!("pid {pid} from {} has exited", pid_file.display())
+                }
                 ProcState::Alive => {
                     format!("pid {pid} from {} is another program", pid_file.display())
                 }

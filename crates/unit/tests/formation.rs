@@ -105,13 +105,13 @@ async fn init_join_witness_heartbeats_and_rejoin() {
     .await;
     assert_eq!(v.pms.len(), 2, "both PMs recorded, not the witness");
     // Heartbeats between the PMs on both links.
-    let v = until(&b, "heartbeats up", |v| {
-        v.health
-            .as_ref()
-            .is_some_and(|h| h.links.iter().all(|l| l.up) && h.links.len() == 2)
+    // Up as soon as a ping is heard; the RTT needs the echo of our own.
+    until(&b, "heartbeats up with RTT", |v| {
+        v.health.as_ref().is_some_and(|h| {
+            h.links.len() == 2 && h.links.iter().all(|l| l.up && l.rtt_ms.is_some())
+        })
     })
     .await;
-    assert!(v.health.unwrap().links.iter().all(|l| l.rtt_ms.is_some()));
     // One-time tokens.
     let again = UnitService::open(config(dir.path(), "pm-c", true))
         .await
