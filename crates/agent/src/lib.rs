@@ -294,6 +294,32 @@ impl Agent {
         }
     }
 
+    /// V3: the VM's memory against its guest type and this unit.
+    fn check_memory_size(
+        &self,
+        memory_mib: u64,
+        guest_type: admission::GuestType,
+        settings: &Settings,
+    ) -> Result<()> {
+        Ok(admission::check_memory_size(
+            memory_mib,
+            guest_type,
+            self.memory_capacity(settings),
+            Self::reserve(settings),
+        )?)
+    }
+
+    /// V2/V3: may `rec` start next to the VMs that hold resources now?
+    fn admit_start(&self, rec: &VmRecord, settings: &Settings) -> Result<Vec<admission::Warning>> {
+        Ok(admission::check_start(
+            rec.vcpus,
+            rec.memory_mib,
+            self.memory_capacity(settings),
+            admission::vcpu_capacity(self.inner.host, Self::reserve(settings)),
+            &self.holders(&rec.name)?,
+        )?)
+    }
+
     fn memory_capacity(&self, settings: &Settings) -> u64 {
         admission::vm_memory_capacity_mib(&[self.inner.host], Self::reserve(settings))
     }
@@ -372,12 +398,7 @@ impl Agent {
             });
         }
         admission::check_vcpus(req.vcpus)?;
-        admission::check_memory_size(
-            req.memory_mib,
-            req.guest_type,
-            self.memory_capacity(&settings),
-            Self::reserve(&settings),
-        )?;
+        self.check_memory_size(req.memory_mib, req.guest_type, &settings)?;
         if let Some(cd) = &req.cdrom {
             self.load_vcd(cd)?;
         }
@@ -494,13 +515,7 @@ impl Agent {
             self.load_vcd(cd)?;
             rec.cdrom = Some(cd.to_string());
         }
-        let warnings = admission::check_start(
-            rec.vcpus,
-            rec.memory_mib,
-            self.memory_capacity(&settings),
-            admission::vcpu_capacity(self.inner.host, Self::reserve(&settings)),
-            &self.holders(name)?,
-        )?;
+        let warnings = self.admit_start(&rec, &settings)?;
         self.launch(&mut rec, &settings, cd.is_some()).await?;
         self.set_state(&mut rec, VmEvent::Launched, "VM started")?;
         Ok(OpResult {
@@ -613,13 +628,7 @@ impl Agent {
         let settings = self.settings()?;
         let mut rec = self.load_vm(name)?;
         vm::check_operation(name, rec.state, Operation::ResetDevice)?;
-        admission::check_start(
-            rec.vcpus,
-            rec.memory_mib,
-            self.memory_capacity(&settings),
-            admission::vcpu_capacity(self.inner.host, Self::reserve(&settings)),
-            &self.holders(name)?,
-        )?;
+        self.admit_start(&rec, &settings)?;
         rec.mtbf.reset();
         rec.last_crash = None;
         self.clear_alert("vm_critical", &format!("vm/{name}"));
@@ -681,12 +690,7 @@ impl Agent {
         if let Some(m) = req.memory_mib {
             rec.memory_mib = m;
         }
-        admission::check_memory_size(
-            rec.memory_mib,
-            rec.guest_type,
-            self.memory_capacity(&settings),
-            Self::reserve(&settings),
-        )?;
+        self.check_memory_size(rec.memory_mib, rec.guest_type, &settings)?;
         let mut detach: Vec<String> = Vec::new();
         for (list, delete) in [(&req.detach_volumes, false), (&req.delete_volumes, true)] {
             for v in list.iter() {

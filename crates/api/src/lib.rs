@@ -218,6 +218,18 @@ fn required_access(method: &Method, route: &str) -> Option<Access> {
         .map(|(_, _, a)| *a)
 }
 
+/// Whether `user` may call `method route` (deny by default).
+pub(crate) fn check_access(user: &AuthUser, method: &Method, route: &str) -> Result<(), ApiError> {
+    match required_access(method, route) {
+        Some(access) => user.require(access),
+        None => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{method} {route} has no access rule; refused to everyone"),
+        )),
+    }
+}
+
 /// Bearer-token authentication and role check for every protected route;
 /// puts the [`AuthUser`] into the request's extensions.
 async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -243,17 +255,7 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
                 .get::<MatchedPath>()
                 .map(|m| m.as_str().to_string())
                 .unwrap_or_default();
-            let check = match required_access(req.method(), &route) {
-                Some(access) => user.require(access),
-                None => Err(ApiError::new(
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    format!(
-                        "{} {route} has no access rule; refused to everyone",
-                        req.method()
-                    ),
-                )),
-            };
+            let check = check_access(&user, req.method(), &route);
             if let Err(e) = check {
                 let mut resp = e.into_response();
                 resp.extensions_mut().insert(user);

@@ -137,17 +137,7 @@ async fn authenticate_live(State(st): State<AppState>, mut req: Request, next: N
         .get::<MatchedPath>()
         .map(|m| m.as_str().to_string())
         .unwrap_or_default();
-    let check = match crate::required_access(req.method(), &route) {
-        Some(access) => user.require(access),
-        None => Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "{} {route} has no access rule; refused to everyone",
-                req.method()
-            ),
-        )),
-    };
+    let check = crate::check_access(&user, req.method(), &route);
     if let Err(e) = check {
         return e.into_response();
     }
