@@ -9,40 +9,13 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{bounded, guest_dir, qemu_binary, temp_dir, wait_event, wait_for_text, QemuGuard};
-use pairvisor_hypervisor::{
-    Accel, Disk, DiskSource, DumpStatus, KernelBoot, QemuVm, QmpEvent, RunState, VmError, VmSpec,
-};
+use common::{bounded, guest_spec, qemu_binary, temp_dir, wait_event, wait_for_text, QemuGuard};
+use pairvisor_hypervisor::{DumpStatus, QemuVm, QmpEvent, RunState, VmError};
 use tokio::io::AsyncWriteExt;
 
 const SEC: Duration = Duration::from_secs(1);
 /// Boot under TCG on a busy machine can be slow.
 const BOOT: Duration = Duration::from_secs(180);
-
-/// A spec that boots the test guest with a 64 MiB disk in `dir`.
-fn guest_spec(name: &str, dir: &Path) -> VmSpec {
-    let guest = guest_dir();
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let mut spec = VmSpec::new(name, "3e0f5a1c-7b2d-4c8e-9f10-2a3b4c5d6e7f", 1, 256);
-    spec.accel = Accel::Tcg;
-    spec.pvpanic = true;
-    spec.guest_agent = true;
-    spec.disks = vec![Disk {
-        id: "root".into(),
-        source: DiskSource::RawFile { path: disk },
-        read_only: false,
-    }];
-    spec.kernel_boot = Some(KernelBoot {
-        kernel: guest.join("vmlinuz"),
-        initrd: Some(guest.join("initrd.img")),
-        cmdline: "console=ttyS0 panic=0 quiet".into(),
-    });
-    spec
-}
 
 /// Pings the guest agent until it answers (it starts shortly before `ready`).
 async fn ping_until_ok(vm: &QemuVm, timeout: Duration) {

@@ -6,11 +6,8 @@
 
 mod common;
 
-use common::{guest_dir, qemu_binary, temp_dir, wait_for_text, QemuGuard};
-use pairvisor_hypervisor::{
-    Accel, Disk, DiskSource, KernelBoot, MigrationCaps, MigrationParams, MigrationStatus, QemuVm,
-    RunState, VmSpec,
-};
+use common::{guest_spec, qemu_binary, temp_dir, wait_for_text, QemuGuard};
+use pairvisor_hypervisor::{MigrationCaps, MigrationParams, MigrationStatus, QemuVm, RunState};
 use pairvisor_model::migration::{
     convergence, effective_dirty_rate_bps, MigrationFigures, Verdict,
 };
@@ -19,29 +16,6 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 const BOOT: Duration = Duration::from_secs(180);
-
-fn guest_spec(dir: &Path) -> VmSpec {
-    let g = guest_dir();
-    let disk = dir.join("disk.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let mut spec = VmSpec::new("mig", "5b0c7c1e-2f7a-4a4e-8a44-0e3c0c1d2e3f", 1, 256);
-    spec.accel = Accel::Tcg;
-    spec.guest_agent = true;
-    spec.disks = vec![Disk {
-        id: "root".into(),
-        source: DiskSource::RawFile { path: disk },
-        read_only: false,
-    }];
-    spec.kernel_boot = Some(KernelBoot {
-        kernel: g.join("vmlinuz"),
-        initrd: Some(g.join("initrd.img")),
-        cmdline: "console=ttyS0 panic=0 quiet".into(),
-    });
-    spec
-}
 
 async fn type_line(run_dir: &Path, line: &str) {
     let mut s = tokio::net::UnixStream::connect(run_dir.join("console.sock"))
@@ -54,7 +28,7 @@ async fn type_line(run_dir: &Path, line: &str) {
 
 /// Boots the source and starts a paused destination waiting on `uri`.
 async fn source_and_destination(dir: &Path) -> (QemuVm, QemuGuard, QemuVm, QemuGuard, String) {
-    let spec = guest_spec(dir);
+    let spec = guest_spec("mig", dir);
     let (ra, rb) = (dir.join("a"), dir.join("b"));
     let a = QemuVm::launch(&qemu_binary(), &spec, &ra).await.unwrap();
     let ga = QemuGuard::new(&ra);

@@ -184,10 +184,7 @@ fn crash_restarts_then_critical_then_reset_device() {
 #[test]
 fn dump_writes_a_file_then_restarts() {
     let d = Daemon::start();
-    d.ok("POST", "/vms", Some(d.guest_vm("hung")));
-    d.ok("POST", "/vms/hung/start", None);
-    let vm = d.wait_state("hung", "running", BOOT);
-    let pid = vm["pid"].as_i64().unwrap();
+    let pid = d.start_guest("hung");
     let v = d.ok("POST", "/vms/hung/dump", None);
     assert_eq!(v["state"], "dumping");
     let (s, _) = d.call("POST", "/vms/hung/shutdown", None);
@@ -206,10 +203,7 @@ fn dump_writes_a_file_then_restarts() {
 #[test]
 fn vm_survives_daemon_sigkill_and_stays_manageable() {
     let mut d = Daemon::start();
-    d.ok("POST", "/vms", Some(d.guest_vm("app")));
-    d.ok("POST", "/vms/app/start", None);
-    let vm = d.wait_state("app", "running", BOOT);
-    let pid = vm["pid"].as_i64().unwrap();
+    let pid = d.start_guest("app");
     // Records of every kind, to check that a SIGKILL loses none of them.
     d.ok(
         "POST",
@@ -464,10 +458,7 @@ fn unresponsive_guest_raises_an_alert_and_the_policy_restarts_it() {
         "/settings",
         Some(json!({"unresponsive_restart_secs": 10})),
     );
-    d.ok("POST", "/vms", Some(d.guest_vm("hang")));
-    d.ok("POST", "/vms/hang/start", None);
-    let vm = d.wait_state("hang", "running", BOOT);
-    let pid = vm["pid"].as_i64().unwrap();
+    let pid = d.start_guest("hang");
     // SAFETY: kill(2) with SIGSTOP on the QEMU pid the daemon reported.
     unsafe {
         libc::kill(pid as i32, libc::SIGSTOP);
@@ -537,10 +528,7 @@ fn shutdown_ignored_by_the_guest_powers_off_after_the_timeout() {
         "/settings",
         Some(json!({"shutdown_timeout_secs": 3})),
     );
-    d.ok("POST", "/vms", Some(d.guest_vm("stubborn")));
-    d.ok("POST", "/vms/stubborn/start", None);
-    let vm = d.wait_state("stubborn", "running", BOOT);
-    let pid = vm["pid"].as_i64().unwrap();
+    let pid = d.start_guest("stubborn");
     d.wait_console("stubborn", "pv-guest: ready", BOOT);
     d.type_console("stubborn", "pv ignore-acpi");
     d.wait_console(

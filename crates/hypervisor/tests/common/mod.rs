@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use pairvisor_hypervisor::{Accel, VmSpec};
+use pairvisor_hypervisor::{Accel, Disk, DiskSource, KernelBoot, VmSpec};
 
 /// The QEMU binary under test (`PAIRVISOR_QEMU`, default `qemu-system-x86_64`).
 pub fn qemu_binary() -> PathBuf {
@@ -155,4 +155,29 @@ pub fn guest_dir() -> PathBuf {
         }
     }
     dir
+}
+
+/// A spec that boots the test guest with a 64 MiB disk in `dir`.
+pub fn guest_spec(name: &str, dir: &Path) -> VmSpec {
+    let guest = guest_dir();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let mut spec = VmSpec::new(name, "3e0f5a1c-7b2d-4c8e-9f10-2a3b4c5d6e7f", 1, 256);
+    spec.accel = Accel::Tcg;
+    spec.pvpanic = true;
+    spec.guest_agent = true;
+    spec.disks = vec![Disk {
+        id: "root".into(),
+        source: DiskSource::RawFile { path: disk },
+        read_only: false,
+    }];
+    spec.kernel_boot = Some(KernelBoot {
+        kernel: guest.join("vmlinuz"),
+        initrd: Some(guest.join("initrd.img")),
+        cmdline: "console=ttyS0 panic=0 quiet".into(),
+    });
+    spec
 }

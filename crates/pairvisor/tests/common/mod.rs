@@ -258,6 +258,15 @@ impl Daemon {
         std::thread::sleep(Duration::from_millis(300));
     }
 
+    /// Creates the test-guest VM `name`, starts it, waits until it runs and
+    /// returns its QEMU pid.
+    pub fn start_guest(&self, name: &str) -> i64 {
+        self.ok("POST", "/vms", Some(self.guest_vm(name)));
+        self.ok("POST", &format!("/vms/{name}/start"), None);
+        let vm = self.wait_state(name, "running", Duration::from_secs(90));
+        vm["pid"].as_i64().expect("a running VM has a pid")
+    }
+
     /// A VM spec booting the test guest with a 64 MiB boot volume.
     pub fn guest_vm(&self, name: &str) -> Value {
         let (kernel, initrd) = guest();
