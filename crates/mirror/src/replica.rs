@@ -484,31 +484,21 @@ impl Replica {
 
     /// Marks regions dirty and returns once the marks are durable.
     pub fn mark_dirty(&self, regions: std::ops::Range<u64>) -> Result<()> {
-        let ticket = {
-            let mut bm = self.bitmap_lock();
-            let mut changed = false;
-            for r in regions {
-                if bm.bits.set(r) {
-                    self.write_bitmap_byte(&bm, r)?;
-                    changed = true;
-                }
-            }
-            if changed {
-                bm.last_set_ticket = self.bitmap_sync.note_write();
-            }
-            bm.last_set_ticket
-        };
-        self.bitmap_sync
-            .wait_durable(ticket)
-            .map_err(io_err(&self.dir.join("bitmap"), "fdatasync"))
+        self.set_dirty(regions)
     }
 
     /// Adds every region set in `bits` and waits until durable.
     pub fn merge_dirty(&self, bits: &Bits) -> Result<()> {
+        self.set_dirty(bits.iter_set())
+    }
+
+    /// Sets the given regions in the persistent bitmap (writing only the
+    /// bytes that change) and waits until the marks are durable.
+    fn set_dirty(&self, regions: impl IntoIterator<Item = u64>) -> Result<()> {
         let ticket = {
             let mut bm = self.bitmap_lock();
             let mut changed = false;
-            for r in bits.iter_set() {
+            for r in regions {
                 if bm.bits.set(r) {
                     self.write_bitmap_byte(&bm, r)?;
                     changed = true;
