@@ -16,11 +16,13 @@ mod error;
 mod paths;
 mod storage;
 mod types;
+mod unit;
 
 pub use alerts::Severity;
 pub use error::{AgentError, Result};
 pub use paths::Paths;
 pub use types::*;
+pub use unit::{LocalReplica, PartnerLink, Takeover, UnitLink};
 
 use pairvisor_hypervisor::{QemuVm, QmpEvent};
 use pairvisor_model::admission::{self, Holder, PmResources, SystemReserve};
@@ -56,7 +58,7 @@ pub struct AgentEvent {
 
 /// Why we expect a QEMU process to go away; anything else is a crash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Intent {
+pub(crate) enum Intent {
     /// Nothing asked: an exit is a crash unless the guest powered off.
     None,
     /// ACPI shutdown sent.
@@ -65,10 +67,13 @@ enum Intent {
     PowerOff,
     /// We are killing it to restart it (dump, crash restart).
     Restart,
+    /// This PM lost its lease (SPEC U6): killed without a state change; it
+    /// starts again here when the lease returns, or on the partner.
+    Fenced,
 }
 
 /// A QEMU process we manage.
-struct Running {
+pub(crate) struct Running {
     qemu: QemuVm,
     intent: StdMutex<Intent>,
     /// The guest itself powered off (SHUTDOWN event with guest=true).
@@ -91,6 +96,12 @@ struct Inner {
     running: StdMutex<HashMap<String, Arc<Running>>>,
     events: broadcast::Sender<AgentEvent>,
     generation: std::sync::atomic::AtomicU64,
+    /// The unit layer, once this PM is in a unit.
+    unit: StdMutex<Option<Arc<dyn UnitLink>>>,
+    /// Local mirror replicas (unit mode).
+    mirrors: unit::Mirrors,
+    /// Serialises mirror reconciliation.
+    mirror_ops: Mutex<()>,
 }
 
 /// The agent of one PM. Cheap to clone.
@@ -125,6 +136,14 @@ impl Agent {
     /// first use, and re-attaches to QEMU processes that outlived a previous
     /// daemon (see [`Agent::recover`]).
     pub async fn open(paths: Paths, store: Store) -> Result<Agent> {
+        let agent = Self::open_deferred(paths, store).await?;
+        agent.recover().await;
+        Ok(agent)
+    }
+
+    /// Like [`Agent::open`] without re-attaching to VMs: for a PM in a unit,
+    /// [`Agent::set_unit`] does that once it knows which VMs are its own.
+    pub async fn open_deferred(paths: Paths, store: Store) -> Result<Agent> {
         paths.create_all().map_err(AgentError::io(format!(
             "creating {}",
             paths.root().display()
@@ -139,10 +158,12 @@ impl Agent {
                 running: StdMutex::new(HashMap::new()),
                 events,
                 generation: Default::default(),
+                unit: StdMutex::new(None),
+                mirrors: Default::default(),
+                mirror_ops: Mutex::new(()),
             }),
         };
         agent.ensure_default_group()?;
-        agent.recover().await;
         Ok(agent)
     }
 
@@ -194,6 +215,13 @@ impl Agent {
             })
     }
 
+    /// Loads a VM for an operation that must run on its host PM.
+    fn load_vm_here(&self, name: &str) -> Result<VmRecord> {
+        let rec = self.load_vm(name)?;
+        self.check_mine(&rec)?;
+        Ok(rec)
+    }
+
     fn load_vm(&self, name: &str) -> Result<VmRecord> {
         self.load("VM", name)
     }
@@ -236,6 +264,7 @@ impl Agent {
             .unwrap_or_default();
         VmView {
             name: v.name.clone(),
+            host: v.host.clone(),
             id: v.id.clone(),
             state: v.state.to_string(),
             activity: v.state.activity().to_string(),
@@ -445,8 +474,10 @@ impl Agent {
             last_crash: None,
             last_dump: None,
             created_at: now(),
+            host: self.pm_name(),
         };
         self.apply_volume_plan(&plan, |tx| tx.put(&rec).map_err(Into::into))?;
+        self.reconcile_mirrors().await;
         self.emit(&rec.name, rec.state, "VM created");
         Ok(self.view(&rec, &settings))
     }
@@ -454,13 +485,13 @@ impl Agent {
     /// Removes a VM: its boot volume always, its data volumes only when
     /// `delete_data_volumes` (otherwise they are detached and kept).
     pub async fn remove_vm(&self, name: &str, delete_data_volumes: bool) -> Result<()> {
-        let rec = self.load_vm(name)?;
+        let rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Remove)?;
         if rec.state == VmState::Stopping {
             self.power_off(name).await?;
         }
         let _g = self.inner.ops.lock().await;
-        let rec = self.load_vm(name)?;
+        let rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Remove)?;
         let mut delete = vec![rec.boot_volume.clone()];
         if delete_data_volumes {
@@ -473,7 +504,9 @@ impl Agent {
             for v in volumes.iter().filter(|v| v.vm.as_deref() == Some(name)) {
                 if delete.contains(&v.name) {
                     tx.delete::<VolumeRecord>(&v.name)?;
-                    files.push(self.volume_path(v)?);
+                    if v.mirror.is_none() {
+                        files.push(self.volume_path(v)?);
+                    }
                 } else {
                     let mut v = v.clone();
                     v.vm = None;
@@ -488,6 +521,8 @@ impl Agent {
             }
         }
         let _ = std::fs::remove_dir_all(self.inner.paths.vm_run_dir(&rec.id));
+        drop(_g);
+        self.reconcile_mirrors().await;
         self.clear_alerts_about(&format!("vm/{name}"));
         self.emit(name, VmState::Stopped, "VM removed");
         Ok(())
@@ -509,7 +544,7 @@ impl Agent {
     async fn start_inner(&self, name: &str, op: Operation, cd: Option<&str>) -> Result<OpResult> {
         let _g = self.inner.ops.lock().await;
         let settings = self.settings()?;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, op)?;
         if let Some(cd) = cd {
             self.load_vcd(cd)?;
@@ -528,7 +563,7 @@ impl Agent {
     pub async fn shutdown(&self, name: &str) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
         let settings = self.settings()?;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Shutdown)?;
         let run = self.running(name).ok_or_else(|| no_process(name))?;
         *run.intent.lock().unwrap_or_else(|e| e.into_inner()) = Intent::Shutdown;
@@ -556,7 +591,7 @@ impl Agent {
     pub async fn power_off(&self, name: &str) -> Result<VmView> {
         let run = {
             let _g = self.inner.ops.lock().await;
-            let rec = self.load_vm(name)?;
+            let rec = self.load_vm_here(name)?;
             vm::check_operation(name, rec.state, Operation::PowerOff)?;
             let run = self.running(name);
             if let Some(run) = &run {
@@ -570,7 +605,7 @@ impl Agent {
         // The monitor records `stopped` when it sees the exit; make sure it
         // has before answering, so that the caller sees the final state.
         let _g = self.inner.ops.lock().await;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         if rec.state != VmState::Stopped {
             self.forget(name);
             self.set_state(&mut rec, VmEvent::Stopped, "VM powered off")?;
@@ -582,7 +617,7 @@ impl Agent {
     pub async fn dump(&self, name: &str) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
         let settings = self.settings()?;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Dump)?;
         let run = self.running(name).ok_or_else(|| no_process(name))?;
         let file = self
@@ -626,7 +661,7 @@ impl Agent {
     pub async fn reset_device(&self, name: &str) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
         let settings = self.settings()?;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::ResetDevice)?;
         self.admit_start(&rec, &settings)?;
         rec.mtbf.reset();
@@ -641,7 +676,7 @@ impl Agent {
     /// Inserts a VCD into the VM's CD drive (running or not).
     pub async fn insert_cd(&self, name: &str, vcd: &str) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::ChangeCd)?;
         let cd = self.load_vcd(vcd)?;
         if let Some(run) = self.running(name) {
@@ -659,7 +694,7 @@ impl Agent {
     /// Ejects the VM's CD.
     pub async fn eject_cd(&self, name: &str) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::ChangeCd)?;
         if rec.cdrom.is_none() {
             return Err(AgentError::Conflict(format!(
@@ -678,7 +713,7 @@ impl Agent {
     pub async fn config_vm(&self, name: &str, req: ConfigVm) -> Result<VmView> {
         let _g = self.inner.ops.lock().await;
         let settings = self.settings()?;
-        let mut rec = self.load_vm(name)?;
+        let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Config)?;
         if let Some(n) = req.vcpus {
             admission::check_vcpus(n)?;
@@ -760,6 +795,7 @@ impl Agent {
         for f in delete_files {
             let _ = std::fs::remove_file(f);
         }
+        self.reconcile_mirrors().await;
         self.emit(name, rec.state, "VM re-configured");
         Ok(self.view(&rec, &settings))
     }
@@ -773,7 +809,7 @@ impl Agent {
         from: Option<u64>,
         max_bytes: u64,
     ) -> Result<(Vec<u8>, u64)> {
-        let rec = self.load_vm(name)?;
+        let rec = self.load_vm_here(name)?;
         let path = self.inner.paths.vm_run_dir(&rec.id).join("console.log");
         let data = match std::fs::read(&path) {
             Ok(d) => d,
@@ -792,14 +828,14 @@ impl Agent {
 
     /// The VNC socket of a running VM (for the console bridge).
     pub fn vnc_socket(&self, name: &str) -> Result<PathBuf> {
-        let rec = self.load_vm(name)?;
+        let rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Console)?;
         Ok(self.inner.paths.vm_run_dir(&rec.id).join("vnc.sock"))
     }
 
     /// The serial console socket of a running VM (interactive console).
     pub fn console_socket(&self, name: &str) -> Result<PathBuf> {
-        let rec = self.load_vm(name)?;
+        let rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Console)?;
         Ok(self.inner.paths.vm_run_dir(&rec.id).join("console.sock"))
     }
@@ -830,11 +866,26 @@ impl Agent {
                         kind: "volume",
                         name: vname.clone(),
                     })?;
+            let source = if v.mirror.is_some() && self.unit().is_some() {
+                // Unit mode: the local primary replica, over NBD.
+                let socket = self.nbd_socket(vname).ok_or_else(|| {
+                    AgentError::Conflict(format!(
+                        "the local replica of volume '{vname}' is not open on this PM yet; \
+                         check the volume's mirror status and retry"
+                    ))
+                })?;
+                DiskSource::NbdUnix {
+                    socket,
+                    export: vname.clone(),
+                }
+            } else {
+                DiskSource::RawFile {
+                    path: self.volume_path(v)?,
+                }
+            };
             disks.push(Disk {
                 id: format!("disk{i}"),
-                source: DiskSource::RawFile {
-                    path: self.volume_path(v)?,
-                },
+                source,
                 read_only: false,
             });
         }
@@ -1096,7 +1147,7 @@ impl Agent {
         };
         let clean =
             panic.is_none() && (matches!(intent, Intent::Shutdown | Intent::PowerOff) || guest_off);
-        if intent == Intent::Restart {
+        if matches!(intent, Intent::Restart | Intent::Fenced) {
             return; // whoever killed it relaunches it
         }
         if clean {
@@ -1190,7 +1241,29 @@ impl Agent {
         let Ok(vms) = self.inner.store.list::<VmRecord>() else {
             return;
         };
+        let unit = self.unit().is_some();
         for mut rec in vms {
+            if !self.is_mine(&rec) {
+                // Hosted by the partner now (a takeover while this daemon
+                // was down): a QEMU left here must not run on.
+                if let Ok(qemu) = QemuVm::attach(&self.inner.paths.vm_run_dir(&rec.id)).await {
+                    warn!(vm = %rec.name, "stopping a stale QEMU: the VM is hosted by the partner");
+                    stop_process(&qemu).await;
+                }
+                continue;
+            }
+            if unit && !rec.state.has_process() {
+                continue;
+            }
+            if unit && rec.state != VmState::Stopping {
+                // In a unit, processes that are gone are started by
+                // `ensure_running` once the lease is held, not here.
+                if let Ok(qemu) = QemuVm::attach(&self.inner.paths.vm_run_dir(&rec.id)).await {
+                    info!(vm = %rec.name, pid = qemu.pid(), "re-attached to running QEMU");
+                    self.adopt(&rec, qemu);
+                }
+                continue;
+            }
             if rec.state == VmState::Crashed {
                 let _g = self.inner.ops.lock().await;
                 if let Err(e) = self.relaunch(&mut rec, "restarted after crash").await {
@@ -1271,7 +1344,7 @@ async fn bounded<T, E: std::fmt::Display>(
 }
 
 /// Asks QEMU to quit, then kills it if it does not; waits until it is gone.
-async fn stop_process(qemu: &QemuVm) {
+pub(crate) async fn stop_process(qemu: &QemuVm) {
     let _ = tokio::time::timeout(Duration::from_secs(5), qemu.quit()).await;
     if qemu.wait_exit(Duration::from_secs(5)).await.is_err() {
         let _ = qemu.kill();

@@ -63,6 +63,9 @@ impl Agent {
     }
 
     pub(crate) fn volume_path(&self, v: &VolumeRecord) -> Result<PathBuf> {
+        if v.mirror.is_some() && self.unit().is_some() {
+            return Ok(self.replica_dir(v)?.join("data.raw"));
+        }
         let g = self.load_group(&v.group)?;
         Ok(Path::new(&g.path).join(format!("{}.raw", v.name)))
     }
@@ -234,21 +237,31 @@ impl Agent {
     pub(crate) fn apply_volume_plan(
         &self,
         plan: &[PlannedVolume],
-        extra: impl FnOnce(&mut Tx<'_>) -> Result<()>,
+        extra: impl Fn(&mut Tx<'_>) -> Result<()>,
     ) -> Result<()> {
         let mut created: Vec<PathBuf> = Vec::new();
         let result = (|| -> Result<()> {
-            let mut records = Vec::new();
+            let mut records: Vec<VolumeRecord> = Vec::new();
+            let existing: Vec<VolumeRecord> = self.store().list()?;
             for p in plan {
                 let rec = match &p.new {
                     Some((group, size)) => {
+                        let mut known = existing.clone();
+                        known.extend(records.iter().cloned());
                         let rec = VolumeRecord {
                             name: p.name.clone(),
                             group: group.clone(),
                             size_bytes: *size,
                             vm: None,
                             created_at: now(),
+                            mirror: self.new_mirror_record(&known),
                         };
+                        if rec.mirror.is_some() {
+                            // A mirror: the replicas are created on each PM
+                            // by the reconciler (`reconcile_mirrors`).
+                            records.push(rec);
+                            continue;
+                        }
                         let path = self.volume_path(&rec)?;
                         let f = std::fs::OpenOptions::new()
                             .write(true)
@@ -274,7 +287,7 @@ impl Agent {
                 // `extra` stored the VM; attach the volumes to whichever VM
                 // lists them.
                 let vms: Vec<VmRecord> = tx.list()?;
-                for mut rec in records {
+                for mut rec in records.iter().cloned() {
                     rec.vm = vms
                         .iter()
                         .find(|vm| vm.volumes().any(|n| *n == rec.name))
@@ -306,7 +319,16 @@ impl Agent {
                     .and_then(|p| std::fs::metadata(p).ok())
                     .map(|m| m.blocks() * 512)
                     .unwrap_or(0);
-                Ok(VolumeView::new(v, boot, allocated))
+                let mut view = VolumeView::new(v, boot, allocated);
+                if v.mirror.is_some() {
+                    if let Some(r) = self.replica_status(&v.name) {
+                        view.sync = crate::unit::sync_word(&r.status);
+                        view.replica = serde_json::to_value(&r.status).ok();
+                    } else {
+                        view.sync = "not open on this PM".into();
+                    }
+                }
+                Ok(view)
             })
             .collect()
     }
@@ -334,6 +356,7 @@ impl Agent {
             "",
         )?;
         self.apply_volume_plan(&plan, |_| Ok(()))?;
+        self.reconcile_mirrors().await;
         drop(_g);
         self.get_volume(&req.name)
     }
@@ -389,6 +412,13 @@ impl Agent {
                 "volume '{volume}' is {what} VM '{vm}'; detach it (data volumes only) or remove \
                  the VM first"
             )));
+        }
+        if v.mirror.is_some() {
+            // Each PM's reconciler removes its replica.
+            self.store().write(|tx| tx.delete::<VolumeRecord>(volume))?;
+            drop(_g);
+            self.reconcile_mirrors().await;
+            return Ok(());
         }
         let path = self.volume_path(&v)?;
         self.store().write(|tx| tx.delete::<VolumeRecord>(volume))?;

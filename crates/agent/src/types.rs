@@ -178,6 +178,9 @@ pub struct ParavirtualDevice {
 pub struct VmView {
     /// Name.
     pub name: String,
+    /// In a unit: the PM that runs it (or would start it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
     /// Hardware id.
     pub id: String,
     /// State (SPEC V4).
@@ -253,6 +256,17 @@ pub struct VolumeView {
     pub sync: String,
     /// Bytes actually allocated on disk (sparse files).
     pub allocated_bytes: u64,
+    /// In a unit: the PM whose replica is primary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary: Option<String>,
+    /// In a unit: the primary's epoch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// In a unit: this PM's replica as the mirror reports it (role, link
+    /// state, dirty regions, resync progress with ETA, generation ids).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub replica: Option<serde_json::Value>,
 }
 
 impl VolumeView {
@@ -265,6 +279,9 @@ impl VolumeView {
             boot,
             sync: "simplex".into(),
             allocated_bytes,
+            primary: v.mirror.as_ref().map(|m| m.primary.clone()),
+            epoch: v.mirror.as_ref().map(|m| m.epoch),
+            replica: None,
         }
     }
 }

@@ -71,6 +71,10 @@ impl From<AgentError> for ApiError {
             | AgentError::Conflict(_) => StatusCode::CONFLICT,
             AgentError::Name(_) | AgentError::Invalid(_) => StatusCode::BAD_REQUEST,
             AgentError::Admission(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            // The unit database could not take the change (no quorum).
+            AgentError::Store(StoreError::Unit(_) | StoreError::Conflict(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AgentError::Store(_) | AgentError::Hypervisor(_) | AgentError::Io { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

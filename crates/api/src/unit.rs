@@ -117,6 +117,20 @@ pub async fn join(
     State(st): State<AppState>,
     Json(req): Json<JoinRequest>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    let v = service(&st)?.join(&req.token).await.map_err(unit_err)?;
+    let svc = service(&st)?;
+    // A joining PM adopts the unit's records; refuse rather than hide its own.
+    let vms = st.agent.list_vms()?.len();
+    let volumes = st.agent.list_volumes()?.len();
+    if svc.db().await.is_none() && (vms > 0 || volumes > 0) {
+        return Err(ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "conflict",
+            format!(
+            "this PM has {vms} VM(s) and {volumes} volume(s); a PM joins a unit empty. Move or \
+             remove them first (or found the unit here with `unit init` and join the other PM)"
+            ),
+        ));
+    }
+    let v = svc.join(&req.token).await.map_err(unit_err)?;
     Ok(axum::Json(serde_json::to_value(v).unwrap_or_default()))
 }

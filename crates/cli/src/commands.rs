@@ -157,6 +157,11 @@ pub enum LabCmd {
         /// Member.
         member: String,
     },
+    /// Start a killed member again (pm-a, pm-b, witness), with its data.
+    Start {
+        /// Member.
+        member: String,
+    },
     /// Cut a link: private, business-a, business-b, witness, all.
     Cut {
         /// Link.

@@ -78,6 +78,9 @@ impl Accel {
     }
 }
 
+/// How long QEMU waits for an NBD export to come back before failing I/O.
+pub const NBD_RECONNECT_SECS: u64 = 30;
+
 /// Where a disk's blocks come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -598,10 +601,12 @@ pub fn command_line(spec: &VmSpec, run_dir: &Path) -> Result<Vec<String>, SpecEr
                 ]);
             }
             DiskSource::NbdUnix { socket, export } => {
+                // reconnect-delay: while the daemon serving the export
+                // restarts, guest I/O waits instead of failing.
                 push(&[
                     "-blockdev",
                     &format!(
-                        "driver=nbd,node-name={node},server.type=unix,server.path={},export={},read-only={ro}",
+                        "driver=nbd,node-name={node},server.type=unix,server.path={},export={},reconnect-delay={NBD_RECONNECT_SECS},read-only={ro}",
                         esc(&p(socket)),
                         esc(export)
                     ),
@@ -821,7 +826,7 @@ mod tests {
             vec![
                 "driver=file,node-name=disk-root-file,filename=/var/lib/pv/root.img,aio=threads,cache.direct=on,cache.no-flush=off,read-only=off",
                 "driver=raw,node-name=disk-root,file=disk-root-file,cache.direct=on,cache.no-flush=off,read-only=off",
-                "driver=nbd,node-name=disk-data,server.type=unix,server.path=/run/pv/mirror/data.sock,export=vol-7,read-only=on",
+                "driver=nbd,node-name=disk-data,server.type=unix,server.path=/run/pv/mirror/data.sock,export=vol-7,reconnect-delay=30,read-only=on",
             ]
         );
         assert!(has_pair(

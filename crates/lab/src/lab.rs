@@ -54,6 +54,12 @@ pub struct Member {
     pub data: PathBuf,
     /// Namespace member letter.
     pub ns: char,
+    /// Its command line (for `lab start` after `lab kill`).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// What its stdout prints once it is ready.
+    #[serde(default)]
+    pub ready: String,
 }
 
 /// What `lab up` made, saved in DIR/lab.json.
@@ -115,15 +121,17 @@ fn plan(opts: &UpOptions, topo: Option<&Topology>, password: &Path) -> Vec<Plan>
             t.private_addr('a'),
             t.private_addr('b'),
         ),
+        // Loopback lab: each member its own loopback address (replication
+        // listens on the same port on each PM's address).
         None => (
-            "127.0.0.1".to_string(),
-            "127.0.0.1".to_string(),
-            "127.0.0.1".to_string(),
-            "127.0.0.1".to_string(),
-            "127.0.0.1".to_string(),
+            "127.0.1.1".to_string(),
+            "127.0.1.2".to_string(),
+            "127.0.1.3".to_string(),
+            "127.0.1.1".to_string(),
+            "127.0.1.2".to_string(),
         ),
     };
-    // In a loopback lab every member shares 127.0.0.1: give each its ports.
+    // Distinct ports too, so that the loopback lab's members never collide.
     let (pa, pb, pw) = if topo.is_some() {
         (7480, 7480, 7480)
     } else {
@@ -197,28 +205,63 @@ fn spawn(
     argv.push(opts.bin.display().to_string());
     argv.extend(p.args.iter().cloned());
     argv.extend(extra.iter().cloned());
+    let _ = (file(&out)?, file(&log)?);
+    let pid = launch(p.name, &argv, &out, &log, ready)?;
+    Ok(Member {
+        name: p.name.into(),
+        pid,
+        api: p.api.clone(),
+        data: opts.dir.join(p.name),
+        ns: p.ns,
+        argv,
+        ready: ready.to_string(),
+    })
+}
+
+/// Starts a member's process (appending to its output files) and waits for
+/// its ready line.
+fn launch(
+    name: &str,
+    argv: &[String],
+    out: &Path,
+    log: &Path,
+    ready: &str,
+) -> Result<u32, LabError> {
+    let append = |f: &Path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(f)
+            .map_err(|e| LabError::Io(format!("{}: {e}", f.display())))
+    };
+    let seen_before = std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .matches(ready)
+        .count();
     // setsid: the member outlives this command and has its own session.
     let child = Command::new("setsid")
-        .args(&argv)
+        .args(argv)
         .stdin(Stdio::null())
-        .stdout(file(&out)?)
-        .stderr(file(&log)?)
+        .stdout(append(out)?)
+        .stderr(append(log)?)
         .spawn()
         .map_err(|e| LabError::Start {
-            member: p.name.into(),
+            member: name.into(),
             detail: e.to_string(),
         })?;
     let pid = child.id();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if std::fs::read_to_string(&out)
+        if std::fs::read_to_string(out)
             .unwrap_or_default()
-            .contains(ready)
+            .matches(ready)
+            .count()
+            > seen_before
         {
             break;
         }
         if !alive(pid) || Instant::now() > deadline {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
             let tail: String = tail
                 .lines()
                 .rev()
@@ -229,19 +272,13 @@ fn spawn(
                 .collect::<Vec<_>>()
                 .join("\n");
             return Err(LabError::Start {
-                member: p.name.into(),
+                member: name.into(),
                 detail: tail,
             });
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(Member {
-        name: p.name.into(),
-        pid,
-        api: p.api.clone(),
-        data: opts.dir.join(p.name),
-        ns: p.ns,
-    })
+    Ok(pid)
 }
 
 async fn login(api: &str, password: &str) -> Result<Client, LabError> {
@@ -431,6 +468,35 @@ pub fn kill(dir: &Path, member: &str) -> Result<(), LabError> {
         })?;
     kill_member(&st, m);
     Ok(())
+}
+
+/// `lab start <member>`: starts a killed member again, with its data.
+pub fn start(dir: &Path, member: &str) -> Result<(), LabError> {
+    let mut st = load(dir)?;
+    let m = st
+        .members
+        .iter_mut()
+        .find(|m| m.name == member)
+        .ok_or_else(|| {
+            LabError::Api(format!(
+                "no lab member '{member}'; members: pm-a, pm-b, witness"
+            ))
+        })?;
+    if alive(m.pid) {
+        return Err(LabError::Api(format!(
+            "{member} is running (pid {}); `lab kill {member}` first",
+            m.pid
+        )));
+    }
+    if m.argv.is_empty() {
+        return Err(LabError::Unsupported(format!(
+            "this lab did not record {member}'s command line; recreate it with `lab down` and `lab up`"
+        )));
+    }
+    let out = dir.join(format!("{}.out", m.name));
+    let log = dir.join(format!("{}.log", m.name));
+    m.pid = launch(&m.name, &m.argv, &out, &log, &m.ready)?;
+    save(dir, &st)
 }
 
 /// `lab cut <link>` / `lab heal [<link>]` (network namespaces only).

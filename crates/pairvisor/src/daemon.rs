@@ -9,6 +9,7 @@ use pairvisor_model::roles::Role;
 use pairvisor_store::{Accel, Store, UserRecord};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
 use tracing::info;
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
@@ -23,6 +24,24 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .create_all()
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
     let store = Store::open(&paths.state_db()).context("opening the state database")?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let unit = match &args.unit_listen {
+        Some(l) => Some(open_unit(&args, l, addr).await?),
+        None => None,
+    };
+    let unit_db = match &unit {
+        Some(u) => u.db().await,
+        None => None,
+    };
+    if let Some(db) = &unit_db {
+        // Already in a unit: the records live in the unit database.
+        pairvisor_orchestrator::attach_store(&store, db.clone())
+            .await
+            .context("moving the records into the unit database")?;
+    }
 
     if let Some(a) = &args.accel {
         let accel = match a.as_str() {
@@ -32,23 +51,43 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         };
         store.write(|tx| {
             let mut s = tx.settings()?;
+            if s.accel == accel {
+                return Ok(());
+            }
             s.accel = accel;
             tx.put_settings(&s)
         })?;
     }
     ensure_admin(&store, &args)?;
 
-    let agent = Agent::open(paths, store)
+    let agent = Agent::open_deferred(paths, store)
         .await
         .context("starting the agent")?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    let unit = match &args.unit_listen {
-        Some(l) => Some(open_unit(&args, l, addr).await?),
-        None => None,
-    };
+    let orchestrator: Arc<std::sync::Mutex<Option<Arc<pairvisor_orchestrator::Orchestrator>>>> =
+        Default::default();
+    match (&unit, unit_db) {
+        (Some(u), Some(db)) => {
+            let o = pairvisor_orchestrator::join_agent(&agent, u, db)
+                .await
+                .context("joining the agent to the unit")?;
+            *orchestrator.lock().unwrap_or_else(|e| e.into_inner()) = Some(o);
+        }
+        _ => agent.recover().await,
+    }
+    if let Some(u) = &unit {
+        // `unit init` / `unit join` later: join the agent then.
+        let (agent, svc, slot) = (agent.clone(), Arc::downgrade(u), orchestrator.clone());
+        u.set_member_hook(Arc::new(move |db| {
+            let (agent, svc, slot) = (agent.clone(), svc.clone(), slot.clone());
+            Box::pin(async move {
+                let Some(svc) = svc.upgrade() else { return };
+                match pairvisor_orchestrator::join_agent(&agent, &svc, db).await {
+                    Ok(o) => *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(o),
+                    Err(e) => tracing::error!("joining the agent to the unit: {e}"),
+                }
+            })
+        }));
+    }
     let app = pairvisor_api::router(agent.clone(), unit.clone()).merge(pairvisor_console::router());
     info!("Pairvisor API listening on http://{addr} (OpenAPI: /api/v1/openapi.json)");
     // Machine-readable line for scripts and tests.
@@ -59,6 +98,10 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .context("serving the API")?;
     agent.detach_all();
+    orchestrator
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     if let Some(u) = unit {
         u.shutdown().await;
     }

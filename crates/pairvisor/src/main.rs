@@ -88,6 +88,7 @@ async fn lab(
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         }
         LabCmd::Kill { member } => pairvisor_lab::lab::kill(&dir, &member)?,
+        LabCmd::Start { member } => pairvisor_lab::lab::start(&dir, &member)?,
         LabCmd::Cut { link } => pairvisor_lab::lab::cut(&dir, &link, false)?,
         LabCmd::Heal { link } => pairvisor_lab::lab::cut(&dir, &link, true)?,
         LabCmd::Down => pairvisor_lab::lab::down(&dir)?,

@@ -5,6 +5,13 @@
 //! Every change goes through [`Store::write`], one ACID transaction, so that
 //! a multi-record change (e.g. a VM re-configuration) is all-or-nothing even
 //! if the daemon is killed half-way.
+//!
+//! Once the PM is in a unit, the records live in the unit database instead
+//! ([`Store::attach`] with a [`Replicated`] backend): reads come from this
+//! PM's applied copy, and a write closure becomes an optimistic transaction —
+//! every record it read is a version precondition of the batch it produces,
+//! and a batch that lost a race re-runs the closure. The audit log stays
+//! local (each PM records what was done through it).
 
 mod records;
 
@@ -12,7 +19,9 @@ pub use records::*;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 use thiserror::Error;
 
 /// A failure of the store itself (disk, corruption), never of the caller's
@@ -43,7 +52,84 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The unit database could not take the change (no quorum, timeout).
+    #[error("the unit database did not accept the change: {0}")]
+    Unit(String),
+    /// Other PMs kept changing the same records; the change was not made.
+    #[error("the change conflicted with concurrent changes {0} times; try again")]
+    Conflict(u32),
 }
+
+/// A record as kept by a [`Replicated`] backend.
+#[derive(Debug, Clone)]
+pub struct Versioned {
+    /// The record's key.
+    pub key: String,
+    /// Its version (the unit database's log index of its last change).
+    pub version: u64,
+    /// The record.
+    pub value: serde_json::Value,
+}
+
+/// A change produced by a transaction on a [`Replicated`] backend.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Insert or replace.
+    Put {
+        /// Table.
+        table: String,
+        /// Key.
+        key: String,
+        /// Record.
+        value: serde_json::Value,
+    },
+    /// Remove.
+    Delete {
+        /// Table.
+        table: String,
+        /// Key.
+        key: String,
+    },
+}
+
+/// What a transaction read: `(table, key)` at `version` (`None` = absent).
+#[derive(Debug, Clone)]
+pub struct ReadCheck {
+    /// Table.
+    pub table: String,
+    /// Key.
+    pub key: String,
+    /// Version seen, `None` when the record did not exist.
+    pub version: Option<u64>,
+}
+
+/// A replicated home for the records: the unit database. Implemented
+/// outside this crate (by the unit layer) so that the store stays free of
+/// networking.
+pub trait Replicated: Send + Sync {
+    /// One record from the applied state.
+    fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError>;
+    /// Every record of a table, ordered by key.
+    fn list(&self, table: &str) -> Result<Vec<Versioned>, StoreError>;
+    /// Applies `writes` atomically if every read still holds; `Ok(false)`
+    /// when a read is stale (the caller re-runs its transaction).
+    fn commit(&self, reads: Vec<ReadCheck>, writes: Vec<WriteOp>) -> Result<bool, StoreError>;
+}
+
+/// How many times a conflicting transaction is re-run before giving up.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// Tables that move to the unit database when the PM joins a unit.
+pub const REPLICATED_TABLES: &[&str] = &[
+    VmRecord::TABLE,
+    VolumeRecord::TABLE,
+    VcdRecord::TABLE,
+    StorageGroupRecord::TABLE,
+    UserRecord::TABLE,
+    TokenRecord::TABLE,
+    AlertRecord::TABLE,
+    META,
+];
 
 impl<E: Into<redb::Error>> From<E> for StoreError {
     fn from(e: E) -> Self {
@@ -69,12 +155,75 @@ const AUDIT: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new
 /// The PM's state database.
 pub struct Store {
     db: Database,
+    unit: RwLock<Option<Arc<dyn Replicated>>>,
 }
 
 /// An open write transaction: changes become visible and durable together
 /// when [`Store::write`]'s closure returns `Ok`.
 pub struct Tx<'a> {
-    txn: &'a redb::WriteTransaction,
+    inner: TxInner<'a>,
+}
+
+enum TxInner<'a> {
+    Local(&'a redb::WriteTransaction),
+    Unit(UnitTx<'a>),
+}
+
+/// An optimistic transaction on the unit database: reads are recorded as
+/// preconditions, writes are buffered (and visible to later reads).
+struct UnitTx<'a> {
+    db: &'a dyn Replicated,
+    reads: BTreeMap<(String, String), Option<u64>>,
+    writes: BTreeMap<(String, String), Option<serde_json::Value>>,
+}
+
+impl UnitTx<'_> {
+    fn get_value(
+        &mut self,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<serde_json::Value>, StoreError> {
+        let k = (table.to_string(), key.to_string());
+        if let Some(w) = self.writes.get(&k) {
+            return Ok(w.clone());
+        }
+        let found = self.db.get(table, key)?;
+        self.reads
+            .entry(k)
+            .or_insert(found.as_ref().map(|v| v.version));
+        Ok(found.map(|v| v.value))
+    }
+
+    fn list_values(&mut self, table: &str) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let mut out: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for v in self.db.list(table)? {
+            self.reads
+                .entry((table.to_string(), v.key.clone()))
+                .or_insert(Some(v.version));
+            out.insert(v.key, v.value);
+        }
+        for ((t, k), w) in &self.writes {
+            if t == table {
+                match w {
+                    Some(v) => out.insert(k.clone(), v.clone()),
+                    None => out.remove(k),
+                };
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+fn decode_value<T: DeserializeOwned>(
+    table: &'static str,
+    key: &str,
+    v: serde_json::Value,
+) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|source| StoreError::Corrupt {
+        table,
+        key: key.to_string(),
+        source,
+    })
 }
 
 fn decode<T: DeserializeOwned>(
@@ -119,44 +268,93 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 impl Tx<'_> {
     /// Reads one record.
-    pub fn get<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        get_in(&self.txn.open_table(table(T::TABLE))?, key)
+    pub fn get<T: Record>(&mut self, key: &str) -> Result<Option<T>, StoreError> {
+        match &mut self.inner {
+            TxInner::Local(txn) => get_in(&txn.open_table(table(T::TABLE))?, key),
+            TxInner::Unit(u) => u
+                .get_value(T::TABLE, key)?
+                .map(|v| decode_value(T::TABLE, key, v))
+                .transpose(),
+        }
     }
 
     /// Inserts or replaces a record.
     pub fn put<T: Record>(&mut self, rec: &T) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(table(T::TABLE))?;
-        t.insert(rec.key(), encode(rec).as_slice())?;
+        match &mut self.inner {
+            TxInner::Local(txn) => {
+                let mut t = txn.open_table(table(T::TABLE))?;
+                t.insert(rec.key(), encode(rec).as_slice())?;
+            }
+            TxInner::Unit(u) => {
+                let v = serde_json::to_value(rec).unwrap_or_default();
+                u.writes
+                    .insert((T::TABLE.to_string(), rec.key().to_string()), Some(v));
+            }
+        }
         Ok(())
     }
 
     /// Deletes a record; true if it existed.
     pub fn delete<T: Record>(&mut self, key: &str) -> Result<bool, StoreError> {
-        let mut t = self.txn.open_table(table(T::TABLE))?;
-        let existed = t.remove(key)?.is_some();
-        Ok(existed)
+        match &mut self.inner {
+            TxInner::Local(txn) => {
+                let mut t = txn.open_table(table(T::TABLE))?;
+                let existed = t.remove(key)?.is_some();
+                Ok(existed)
+            }
+            TxInner::Unit(u) => {
+                let existed = u.get_value(T::TABLE, key)?.is_some();
+                u.writes
+                    .insert((T::TABLE.to_string(), key.to_string()), None);
+                Ok(existed)
+            }
+        }
     }
 
     /// All records of a kind, ordered by key.
-    pub fn list<T: Record>(&self) -> Result<Vec<T>, StoreError> {
-        list_in(&self.txn.open_table(table(T::TABLE))?)
+    pub fn list<T: Record>(&mut self) -> Result<Vec<T>, StoreError> {
+        match &mut self.inner {
+            TxInner::Local(txn) => list_in(&txn.open_table(table(T::TABLE))?),
+            TxInner::Unit(u) => u
+                .list_values(T::TABLE)?
+                .into_iter()
+                .map(|(k, v)| decode_value(T::TABLE, &k, v))
+                .collect(),
+        }
     }
 
     /// Reads the settings (defaults if never written).
-    pub fn settings(&self) -> Result<Settings, StoreError> {
-        let t = self.txn.open_table(table(META))?;
-        let found = t.get("settings")?;
-        let r = match found {
-            Some(v) => decode(META, "settings", v.value())?,
-            None => Settings::default(),
-        };
-        Ok(r)
+    pub fn settings(&mut self) -> Result<Settings, StoreError> {
+        match &mut self.inner {
+            TxInner::Local(txn) => {
+                let t = txn.open_table(table(META))?;
+                let found = t.get("settings")?;
+                let r = match found {
+                    Some(v) => decode(META, "settings", v.value())?,
+                    None => Settings::default(),
+                };
+                Ok(r)
+            }
+            TxInner::Unit(u) => match u.get_value(META, "settings")? {
+                Some(v) => decode_value(META, "settings", v),
+                None => Ok(Settings::default()),
+            },
+        }
     }
 
     /// Replaces the settings.
     pub fn put_settings(&mut self, s: &Settings) -> Result<(), StoreError> {
-        let mut t = self.txn.open_table(table(META))?;
-        t.insert("settings", encode(s).as_slice())?;
+        match &mut self.inner {
+            TxInner::Local(txn) => {
+                let mut t = txn.open_table(table(META))?;
+                t.insert("settings", encode(s).as_slice())?;
+            }
+            TxInner::Unit(u) => {
+                let v = serde_json::to_value(s).unwrap_or_default();
+                u.writes
+                    .insert((META.to_string(), "settings".to_string()), Some(v));
+            }
+        }
         Ok(())
     }
 }
@@ -168,36 +366,102 @@ impl Store {
             path: path.display().to_string(),
             source,
         })?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            unit: RwLock::new(None),
+        };
         // Create every table up front so that read transactions never meet a
         // missing table.
-        store.write(|tx| {
-            for name in [
-                VmRecord::TABLE,
-                VolumeRecord::TABLE,
-                VcdRecord::TABLE,
-                StorageGroupRecord::TABLE,
-                UserRecord::TABLE,
-                TokenRecord::TABLE,
-                AlertRecord::TABLE,
-                META,
-            ] {
-                tx.txn.open_table(table(name))?;
-            }
-            tx.txn.open_table(AUDIT)?;
-            Ok::<_, StoreError>(())
-        })?;
+        let txn = store.db.begin_write()?;
+        for name in REPLICATED_TABLES {
+            txn.open_table(table(name))?;
+        }
+        txn.open_table(AUDIT)?;
+        txn.commit()?;
         Ok(store)
     }
 
+    /// From now on, keeps the records in `backend` (the unit database).
+    pub fn attach(&self, backend: Arc<dyn Replicated>) {
+        *self.unit.write().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    /// Whether the records live in the unit database.
+    pub fn is_replicated(&self) -> bool {
+        self.backend().is_some()
+    }
+
+    fn backend(&self) -> Option<Arc<dyn Replicated>> {
+        self.unit.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Every local record of the replicated tables, as `(table, key, value)`
+    /// (used to seed the unit database when this PM founds a unit).
+    pub fn export_local(&self) -> Result<Vec<(String, String, serde_json::Value)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut out = Vec::new();
+        for name in REPLICATED_TABLES {
+            let t = txn.open_table(table(name))?;
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let value: serde_json::Value = decode(name, k.value(), v.value())?;
+                out.push((name.to_string(), k.value().to_string(), value));
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `f` in one write transaction; commits if it returns `Ok`, rolls
-    /// back otherwise.
+    /// back otherwise. On the unit database `f` may run more than once (when
+    /// another PM changed a record it read meanwhile), so it must not have
+    /// side effects outside the transaction that cannot be repeated.
     pub fn write<R, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&mut Tx<'_>) -> Result<R, E>,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<R, E>,
     ) -> Result<R, E> {
+        if let Some(db) = self.backend() {
+            for _ in 0..MAX_ATTEMPTS {
+                let mut tx = Tx {
+                    inner: TxInner::Unit(UnitTx {
+                        db: db.as_ref(),
+                        reads: BTreeMap::new(),
+                        writes: BTreeMap::new(),
+                    }),
+                };
+                let r = f(&mut tx)?;
+                let TxInner::Unit(u) = tx.inner else {
+                    unreachable!("built as a unit transaction above")
+                };
+                if u.writes.is_empty() {
+                    return Ok(r);
+                }
+                let reads = u
+                    .reads
+                    .into_iter()
+                    .map(|((table, key), version)| ReadCheck {
+                        table,
+                        key,
+                        version,
+                    })
+                    .collect();
+                let writes = u
+                    .writes
+                    .into_iter()
+                    .map(|((table, key), v)| match v {
+                        Some(value) => WriteOp::Put { table, key, value },
+                        None => WriteOp::Delete { table, key },
+                    })
+                    .collect();
+                if db.commit(reads, writes)? {
+                    return Ok(r);
+                }
+            }
+            return Err(StoreError::Conflict(MAX_ATTEMPTS).into());
+        }
         let txn = self.db.begin_write().map_err(StoreError::from)?;
-        let mut tx = Tx { txn: &txn };
+        let mut tx = Tx {
+            inner: TxInner::Local(&txn),
+        };
         match f(&mut tx) {
             Ok(r) => {
                 txn.commit().map_err(StoreError::from)?;
@@ -212,18 +476,37 @@ impl Store {
 
     /// Reads one record outside a write transaction.
     pub fn get<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
+        if let Some(db) = self.backend() {
+            return db
+                .get(T::TABLE, key)?
+                .map(|v| decode_value(T::TABLE, key, v.value))
+                .transpose();
+        }
         let txn = self.db.begin_read()?;
         get_in(&txn.open_table(table(T::TABLE))?, key)
     }
 
     /// All records of a kind, ordered by key.
     pub fn list<T: Record>(&self) -> Result<Vec<T>, StoreError> {
+        if let Some(db) = self.backend() {
+            return db
+                .list(T::TABLE)?
+                .into_iter()
+                .map(|v| decode_value(T::TABLE, &v.key, v.value))
+                .collect();
+        }
         let txn = self.db.begin_read()?;
         list_in(&txn.open_table(table(T::TABLE))?)
     }
 
     /// The settings (defaults if never written).
     pub fn settings(&self) -> Result<Settings, StoreError> {
+        if let Some(db) = self.backend() {
+            return match db.get(META, "settings")? {
+                Some(v) => decode_value(META, "settings", v.value),
+                None => Ok(Settings::default()),
+            };
+        }
         let txn = self.db.begin_read()?;
         let t = txn.open_table(table(META))?;
         match t.get("settings")? {
@@ -306,5 +589,134 @@ mod tests {
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].seq, 1);
         assert_eq!(s.settings().unwrap(), Settings::default());
+    }
+}
+
+#[cfg(test)]
+mod replicated_tests {
+    //! The optimistic-transaction logic against an in-memory backend that
+    //! behaves like the unit database's preconditions (the real database is
+    //! exercised end to end by the unit tests of the `pairvisor` binary).
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Mem {
+        rows: Mutex<BTreeMap<(String, String), (u64, serde_json::Value)>>,
+        index: AtomicU32,
+        /// Before the first commit, another "PM" changes this key.
+        interfere: Mutex<Option<(String, String)>>,
+    }
+
+    impl Replicated for Mem {
+        fn get(&self, table: &str, key: &str) -> Result<Option<Versioned>, StoreError> {
+            let rows = self.rows.lock().unwrap();
+            Ok(rows
+                .get(&(table.into(), key.into()))
+                .map(|(v, val)| Versioned {
+                    key: key.into(),
+                    version: *v,
+                    value: val.clone(),
+                }))
+        }
+        fn list(&self, table: &str) -> Result<Vec<Versioned>, StoreError> {
+            let rows = self.rows.lock().unwrap();
+            Ok(rows
+                .iter()
+                .filter(|((t, _), _)| t == table)
+                .map(|((_, k), (v, val))| Versioned {
+                    key: k.clone(),
+                    version: *v,
+                    value: val.clone(),
+                })
+                .collect())
+        }
+        fn commit(&self, reads: Vec<ReadCheck>, writes: Vec<WriteOp>) -> Result<bool, StoreError> {
+            let mut rows = self.rows.lock().unwrap();
+            if let Some(k) = self.interfere.lock().unwrap().take() {
+                let idx = self.index.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+                if let Some(r) = rows.get_mut(&k) {
+                    r.0 = 1000 + idx;
+                }
+            }
+            for r in &reads {
+                let now = rows.get(&(r.table.clone(), r.key.clone())).map(|x| x.0);
+                if now != r.version {
+                    return Ok(false);
+                }
+            }
+            let idx = self.index.fetch_add(1, Ordering::SeqCst) as u64 + 1;
+            for w in writes {
+                match w {
+                    WriteOp::Put { table, key, value } => {
+                        rows.insert((table, key), (idx, value));
+                    }
+                    WriteOp::Delete { table, key } => {
+                        rows.remove(&(table, key));
+                    }
+                }
+            }
+            Ok(true)
+        }
+    }
+
+    fn user(name: &str) -> UserRecord {
+        UserRecord {
+            name: name.into(),
+            role: pairvisor_model::roles::Role::Operator,
+            password_hash: "x".into(),
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn transactions_rerun_on_conflict_and_see_their_own_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("state.redb")).unwrap();
+        s.write(|tx| tx.put(&user("local-only"))).unwrap();
+        let exported = s.export_local().unwrap();
+        assert_eq!(exported.len(), 1);
+        let mem = Arc::new(Mem::default());
+        s.attach(mem.clone());
+        assert!(s.is_replicated());
+        assert!(
+            s.list::<UserRecord>().unwrap().is_empty(),
+            "reads come from the unit"
+        );
+
+        s.write(|tx| {
+            tx.put(&user("alice"))?;
+            // Reads see the transaction's own writes.
+            assert!(tx.get::<UserRecord>("alice")?.is_some());
+            assert_eq!(tx.list::<UserRecord>()?.len(), 1);
+            Ok::<_, StoreError>(())
+        })
+        .unwrap();
+
+        // Another PM changes alice between our read and our commit: the
+        // closure runs again and its second run wins.
+        *mem.interfere.lock().unwrap() = Some(("users".into(), "alice".into()));
+        let mut runs = 0;
+        s.write(|tx| {
+            runs += 1;
+            let mut a: UserRecord = tx.get("alice")?.unwrap();
+            a.created_at += 1;
+            tx.put(&a)
+        })
+        .unwrap();
+        assert_eq!(runs, 2, "the conflicting first run was re-run");
+        assert_eq!(s.get::<UserRecord>("alice").unwrap().unwrap().created_at, 2);
+
+        // A failing closure changes nothing.
+        let r: Result<(), StoreError> = s.write(|tx| {
+            tx.delete::<UserRecord>("alice")?;
+            Err(StoreError::Unit("refused".into()))
+        });
+        assert!(r.is_err());
+        assert!(s.get::<UserRecord>("alice").unwrap().is_some());
+        // Delete reports whether the record existed.
+        assert!(s.write(|tx| tx.delete::<UserRecord>("alice")).unwrap());
+        assert!(!s.write(|tx| tx.delete::<UserRecord>("alice")).unwrap());
     }
 }

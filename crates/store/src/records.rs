@@ -102,6 +102,10 @@ pub struct VmRecord {
     pub last_dump: Option<String>,
     /// Creation time, seconds since the epoch.
     pub created_at: u64,
+    /// In a unit: the PM (name) that runs the VM, or would start it. `None`
+    /// on a PM that is not in a unit.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 impl Record for VmRecord {
@@ -132,6 +136,21 @@ pub struct VolumeRecord {
     pub vm: Option<String>,
     /// Creation time, seconds since the epoch.
     pub created_at: u64,
+    /// In a unit: how the volume is mirrored between the PMs.
+    #[serde(default)]
+    pub mirror: Option<MirrorRecord>,
+}
+
+/// The unit's decision about a mirrored volume (SPEC S1, U6): which PM's
+/// replica is primary, with which epoch, and where replication listens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRecord {
+    /// The PM whose replica is primary.
+    pub primary: String,
+    /// The primary's epoch; every promotion commits a larger one.
+    pub epoch: u64,
+    /// TCP port on which each PM's replica accepts replication.
+    pub port: u16,
 }
 
 impl Record for VolumeRecord {

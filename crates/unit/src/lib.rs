@@ -4,6 +4,11 @@
 //! the replicated unit database (`pairvisor-unitdb`).
 
 pub mod health;
+pub mod lease;
 pub mod service;
 
+pub use lease::{
+    fence_partner, takeover_at, LeaseCheck, LeaseKeeper, LeaseStatus, PartnerFenced, VoterAnswer,
+    VoterStatus,
+};
 pub use service::{PmAddresses, PmRecord, UnitConfig, UnitError, UnitService, UnitView};

@@ -95,11 +95,18 @@ pub struct UnitConfig {
     pub timing: LeaseTiming,
 }
 
+/// Called once this node has founded or joined a unit, before `init`/`join`
+/// return: the daemon moves its records into the unit database there.
+pub type MemberHook = Arc<
+    dyn Fn(UnitDb) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync,
+>;
+
 /// The unit membership of this node.
 pub struct UnitService {
     cfg: UnitConfig,
     db: RwLock<Option<UnitDb>>,
     health: Mutex<Option<(u64, Health)>>,
+    hook: std::sync::Mutex<Option<MemberHook>>,
 }
 
 fn db_err(e: impl std::fmt::Display) -> UnitError {
@@ -113,6 +120,7 @@ impl UnitService {
             cfg,
             db: RwLock::new(None),
             health: Mutex::new(None),
+            hook: std::sync::Mutex::new(None),
         });
         if svc.cfg.data_dir.join("tls").exists() {
             let id_file = svc.cfg.data_dir.join("node-id");
@@ -146,6 +154,52 @@ impl UnitService {
     /// The unit database, when this node is a member.
     pub async fn db(&self) -> Option<UnitDb> {
         self.db.read().await.clone()
+    }
+
+    /// This PM's addresses (None on the witness).
+    pub fn pm(&self) -> Option<&PmAddresses> {
+        self.cfg.pm.as_ref()
+    }
+
+    /// Heartbeat timing.
+    pub fn timing(&self) -> LeaseTiming {
+        self.cfg.timing
+    }
+
+    /// The partner's health, once heartbeats run.
+    pub async fn health(&self) -> Option<HealthStatus> {
+        self.health.lock().await.as_ref().map(|(_, h)| h.status())
+    }
+
+    /// The PM records of the unit (from this node's applied state).
+    pub fn pms_of(db: &UnitDb) -> Vec<PmRecord> {
+        db.list(PMS_TABLE)
+            .map(|l| {
+                l.into_iter()
+                    .filter_map(|(_, r)| r.decode::<PmRecord>().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The unit secret (hex) shared by heartbeats and replication.
+    pub fn secret_of(db: &UnitDb) -> Option<String> {
+        db.get(UNIT_TABLE, "secret")
+            .ok()
+            .flatten()
+            .and_then(|r| r.value.as_str().map(str::to_string))
+    }
+
+    /// Sets the hook run when this node founds or joins a unit.
+    pub fn set_member_hook(&self, hook: MemberHook) {
+        *self.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    async fn run_hook(&self, db: &UnitDb) {
+        let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(h) = hook {
+            h(db.clone()).await;
+        }
     }
 
     async fn record_self(&self, db: &UnitDb) -> Result<(), UnitError> {
@@ -187,8 +241,9 @@ impl UnitService {
             .await
             .map_err(db_err)?;
         self.record_self(&db).await?;
-        *guard = Some(db);
+        *guard = Some(db.clone());
         drop(guard);
+        self.run_hook(&db).await;
         Ok(self.view().await)
     }
 
@@ -236,8 +291,9 @@ impl UnitService {
             .await
             .map_err(db_err)?;
         self.record_self(&db).await?;
-        *guard = Some(db);
+        *guard = Some(db.clone());
         drop(guard);
+        self.run_hook(&db).await;
         Ok(self.view().await)
     }
 

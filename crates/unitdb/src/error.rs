@@ -143,6 +143,14 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// Force quorum refused: the partner still talks to this node.
+    #[error("node {node} was heard {ms_ago} ms ago: the unit still has its majority, so force quorum is refused (it is for a partner that is gone; to replace a PM, remove it instead)")]
+    PartnerAlive {
+        /// The partner.
+        node: NodeId,
+        /// How long ago it was last heard.
+        ms_ago: u64,
+    },
     /// Waiting for a condition timed out.
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout {

@@ -13,10 +13,16 @@
 //! * API: [`UnitDb`] — `write` from any node (forwarded to the leader),
 //!   local `get`/`list`, a `linearizable` read barrier, `metrics`,
 //!   `subscribe` to applied changes, membership changes, `shutdown`.
+//! * Leases and fences ([`lease`]): voters answer lease requests
+//!   (`request_lease`), refusing fenced nodes (`fence`, `unfence`,
+//!   `fenced`); `force_quorum` lets the survivor of a two-voter unit write
+//!   again (SPEC U6).
 //!
 //! See README.md in this crate for the operator's view.
 
 mod error;
+mod force;
+pub mod lease;
 pub mod logic;
 mod net;
 mod node;
@@ -25,6 +31,8 @@ pub mod tls;
 pub mod types;
 
 pub use error::{Error, OpenError, WriteError};
+pub use force::{ForcedQuorum, FORCED_QUORUM_TABLE};
+pub use lease::{Fence, LeaseAnswer, LeaseRefusal, FENCES_TABLE};
 pub use net::CallError;
 pub use node::{
     Config, Member, NodeState, Replication, Timing, UnitDb, UnitMetrics, JOIN_TOKENS_TABLE,

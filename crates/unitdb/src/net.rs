@@ -20,7 +20,7 @@ use openraft::RPCTypes;
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -248,6 +248,11 @@ impl PeerHealth {
         }
     }
 
+    /// How long ago `id` was last seen, if ever.
+    pub fn last_seen(&self, id: NodeId) -> Option<Duration> {
+        self.seen.lock().ok()?.get(&id).map(|t| t.elapsed())
+    }
+
     /// The peers seen within `window`.
     pub fn recent(&self, window: Duration) -> Vec<NodeId> {
         match self.seen.lock() {
@@ -272,6 +277,8 @@ pub struct NetShared {
     /// Recent contacts.
     pub health: PeerHealth,
     pool: Mutex<HashMap<(NodeId, String), Arc<PeerClient>>>,
+    /// Fault injection: peers this node neither calls nor answers.
+    blocked: Mutex<BTreeSet<NodeId>>,
 }
 
 impl NetShared {
@@ -283,7 +290,23 @@ impl NetShared {
             connect_timeout,
             health: PeerHealth::default(),
             pool: Mutex::new(HashMap::new()),
+            blocked: Mutex::new(BTreeSet::new()),
         }
+    }
+
+    /// Fault injection: cuts the links to `peers` (replacing the previous
+    /// set; empty heals every link).
+    pub fn set_blocked(&self, peers: BTreeSet<NodeId>) {
+        if let Ok(mut b) = self.blocked.lock() {
+            *b = peers;
+        }
+        // Pooled connections to a newly blocked peer must not be reused.
+        self.close_all();
+    }
+
+    /// The peers whose links are cut by fault injection.
+    pub fn blocked(&self) -> BTreeSet<NodeId> {
+        self.blocked.lock().map(|b| b.clone()).unwrap_or_default()
     }
 
     /// The (pooled) client for node `id` at `addr`.
@@ -314,6 +337,17 @@ impl NetShared {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, CallError> {
+        if self
+            .blocked
+            .lock()
+            .map(|b| b.contains(&id))
+            .unwrap_or(false)
+        {
+            return Err(CallError::Connect {
+                addr: addr.to_string(),
+                reason: format!("the link to node {id} is cut (fault injection)"),
+            });
+        }
         let r = self.client(id, addr)?.call(path, body, timeout).await;
         if r.is_ok() {
             self.health.saw(id);

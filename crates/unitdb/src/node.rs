@@ -2,10 +2,11 @@
 //! HTTPS endpoints, and the API the rest of Pairvisor uses.
 
 use crate::error::{Error, OpenError, WriteError};
+use crate::lease::{LeaseRefusal, LeaseRequest};
 use crate::logic::{self, Reach};
 use crate::net::{CallError, NetShared, Network, PeerClient, BODY_LIMIT};
 use crate::storage::{LogStore, StateMachine, StateReader};
-use crate::tls::{self, JoinToken, NodeIdentity, TlsError};
+use crate::tls::{self, JoinToken, NodeIdentity, NodeNameCheck, TlsError};
 use crate::types::{
     Applied, Batch, Conflict, Event, NodeId, NodeInfo, NodeRole, Op, Record, TypeConfig,
 };
@@ -18,6 +19,7 @@ use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
 };
 use openraft::{ChangeMembers, Raft, ServerState, SnapshotPolicy};
+use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 
@@ -259,20 +261,32 @@ enum RouteFail {
     Shutdown,
 }
 
-struct Inner {
-    id: NodeId,
+pub(crate) struct Inner {
+    pub(crate) id: NodeId,
     role: NodeRole,
     addr: String,
     local_addr: SocketAddr,
-    raft: Raft<TypeConfig>,
+    /// Replaced when force quorum restarts the engine (see `force.rs`).
+    raft: std::sync::RwLock<Raft<TypeConfig>>,
+    pub(crate) raft_config: Arc<openraft::Config>,
     /// Taken at shutdown so that the redb file is released.
     reader: std::sync::RwLock<Option<StateReader>>,
-    events: broadcast::Sender<Event>,
-    net: Arc<NetShared>,
+    /// A handle on `log.redb` shared with the engine (lease checks read the
+    /// not yet applied entries; force quorum rewrites it). Taken at shutdown.
+    pub(crate) log: std::sync::RwLock<Option<LogStore>>,
+    /// Fails once the engine's state machine is dropped (restart barrier).
+    pub(crate) sm_gone: Mutex<Option<watch::Receiver<()>>>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) net: Arc<NetShared>,
     identity: NodeIdentity,
-    timing: Timing,
+    pub(crate) node_check: NodeNameCheck,
+    pub(crate) timing: Timing,
     server: Mutex<Option<JoinHandle<()>>>,
-    closed: AtomicBool,
+    pub(crate) closed: AtomicBool,
+    /// Serializes force quorum and shutdown.
+    pub(crate) restart: tokio::sync::Mutex<()>,
+    /// True while force quorum has the engine stopped.
+    pub(crate) restarting: AtomicBool,
 }
 
 impl Drop for Inner {
@@ -288,7 +302,27 @@ impl Drop for Inner {
 /// A handle to this node's member of the unit database. Cheap to clone.
 #[derive(Clone)]
 pub struct UnitDb {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Starts an openraft engine on this node's storage.
+pub(crate) async fn start_engine(
+    id: NodeId,
+    config: Arc<openraft::Config>,
+    net: &Arc<NetShared>,
+    log: LogStore,
+    sm: StateMachine,
+) -> Result<Raft<TypeConfig>, openraft::error::Fatal<NodeId>> {
+    Raft::new(
+        id,
+        config,
+        Network {
+            shared: net.clone(),
+        },
+        log,
+        sm,
+    )
+    .await
 }
 
 impl UnitDb {
@@ -363,32 +397,33 @@ impl UnitDb {
         }
         .validate()
         .map_err(|e| OpenError::Config(e.to_string()))?;
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            Network {
-                shared: net.clone(),
-            },
-            log,
-            sm,
-        )
-        .await
-        .map_err(|e| OpenError::Raft(e.to_string()))?;
+        let raft_config = Arc::new(raft_config);
+        let sm_gone = sm.drop_signal();
+        let raft = start_engine(config.node_id, raft_config.clone(), &net, log.clone(), sm)
+            .await
+            .map_err(|e| OpenError::Raft(e.to_string()))?;
 
         let acceptor = TlsAcceptor::from(identity.server_config()?);
+        let node_check = identity.node_name_check()?;
         let inner = Arc::new(Inner {
             id: config.node_id,
             role: config.role,
             addr,
             local_addr,
-            raft,
+            raft: std::sync::RwLock::new(raft),
+            raft_config,
             reader: std::sync::RwLock::new(Some(reader)),
+            log: std::sync::RwLock::new(Some(log)),
+            sm_gone: Mutex::new(Some(sm_gone)),
             events,
             net,
             identity,
+            node_check,
             timing: config.timing.clone(),
             server: Mutex::new(None),
             closed: AtomicBool::new(false),
+            restart: tokio::sync::Mutex::new(()),
+            restarting: AtomicBool::new(false),
         });
         let server = tokio::spawn(serve(listener, acceptor, Arc::downgrade(&inner)));
         if let Ok(mut s) = inner.server.lock() {
@@ -480,7 +515,7 @@ impl UnitDb {
     /// Only for a node that never belonged to a unit.
     pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {
         self.check_open()?;
-        match self.inner.raft.initialize(members).await {
+        match self.raft().initialize(members).await {
             Ok(()) => Ok(()),
             Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
                 Err(Error::AlreadyInitialized)
@@ -546,7 +581,7 @@ impl UnitDb {
         self.write_internal(batch).await
     }
 
-    async fn write_internal(&self, batch: Batch) -> Result<u64, WriteError> {
+    pub(crate) async fn write_internal(&self, batch: Batch) -> Result<u64, WriteError> {
         if self.inner.closed.load(Ordering::SeqCst) {
             return Err(WriteError::Shutdown);
         }
@@ -625,8 +660,7 @@ impl UnitDb {
     /// Waits until this node has applied log index `index`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), Error> {
         match self
-            .inner
-            .raft
+            .raft()
             .wait(Some(timeout))
             .applied_index_at_least(Some(index), "applied index")
             .await
@@ -642,7 +676,7 @@ impl UnitDb {
 
     /// This node's view of the unit.
     pub fn metrics(&self) -> UnitMetrics {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let members = membership
@@ -702,7 +736,7 @@ impl UnitDb {
         pred: impl Fn(&UnitMetrics) -> bool,
     ) -> Result<UnitMetrics, Error> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut rx = self.inner.raft.metrics();
+        let mut rx = self.raft().metrics();
         loop {
             rx.borrow_and_update();
             let m = self.metrics();
@@ -711,6 +745,16 @@ impl UnitDb {
             }
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
+                Ok(Err(_)) if !self.inner.closed.load(Ordering::SeqCst) => {
+                    // The engine was restarted (force quorum): follow the new one.
+                    self.renew_metrics(&mut rx).await;
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(Error::Timeout {
+                            what: what.to_string(),
+                            secs: timeout.as_secs(),
+                        });
+                    }
+                }
                 Ok(Err(_)) => return Err(Error::Shutdown),
                 Err(_) => {
                     return Err(Error::Timeout {
@@ -733,8 +777,7 @@ impl UnitDb {
     pub async fn compact(&self) -> Result<u64, Error> {
         self.check_open()?;
         let applied = self.metrics().last_applied.unwrap_or(0);
-        self.inner
-            .raft
+        self.raft()
             .trigger()
             .snapshot()
             .await
@@ -745,8 +788,7 @@ impl UnitDb {
             })
             .await?;
         let upto = m.snapshot.unwrap_or(0);
-        self.inner
-            .raft
+        self.raft()
             .trigger()
             .purge_log(upto)
             .await
@@ -820,6 +862,14 @@ impl UnitDb {
         Ok(started.elapsed())
     }
 
+    /// Fault injection for tests and the loopback lab: cuts this node's
+    /// links to `peers` in both directions (it neither calls them nor
+    /// answers their requests), replacing the previous set; an empty set
+    /// heals every link. Cutting a link on one side is enough.
+    pub fn set_blocked_peers(&self, peers: impl IntoIterator<Item = NodeId>) {
+        self.inner.net.set_blocked(peers.into_iter().collect());
+    }
+
     /// Stops the node: the Raft engine, the listener and every connection.
     /// The redb files stay as they are; [`UnitDb::open`] resumes from them.
     pub async fn shutdown(&self) {
@@ -831,10 +881,15 @@ impl UnitDb {
             h.abort();
             let _ = h.await;
         }
-        let _ = self.inner.raft.shutdown().await;
+        // Not in the middle of a force quorum restart.
+        let _restart = self.inner.restart.lock().await;
+        let _ = self.raft().shutdown().await;
         self.inner.net.close_all();
         if let Ok(mut r) = self.inner.reader.write() {
             *r = None;
+        }
+        if let Ok(mut l) = self.inner.log.write() {
+            *l = None;
         }
         tracing::info!(node = self.inner.id, "unit database node stopped");
     }
@@ -849,7 +904,35 @@ impl UnitDb {
             .max(Duration::from_millis(10))
     }
 
-    fn reader(&self) -> Result<StateReader, Error> {
+    /// The current Raft engine (replaced by force quorum).
+    pub(crate) fn raft(&self) -> Raft<TypeConfig> {
+        match self.inner.raft.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Installs a restarted engine.
+    pub(crate) fn set_raft(&self, raft: Raft<TypeConfig>) {
+        match self.inner.raft.write() {
+            Ok(mut r) => *r = raft,
+            Err(p) => *p.into_inner() = raft,
+        }
+    }
+
+    /// After the engine's metrics channel closed (restart): subscribes to
+    /// the current engine, pausing briefly if it is still the stopped one.
+    async fn renew_metrics(
+        &self,
+        rx: &mut watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>>,
+    ) {
+        *rx = self.raft().metrics();
+        if rx.has_changed().is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub(crate) fn reader(&self) -> Result<StateReader, Error> {
         self.inner
             .reader
             .read()
@@ -858,7 +941,7 @@ impl UnitDb {
             .ok_or(Error::Shutdown)
     }
 
-    fn check_open(&self) -> Result<(), Error> {
+    pub(crate) fn check_open(&self) -> Result<(), Error> {
         if self.inner.closed.load(Ordering::SeqCst) {
             Err(Error::Shutdown)
         } else {
@@ -867,7 +950,7 @@ impl UnitDb {
     }
 
     fn reach(&self) -> Reach {
-        let m = self.inner.raft.metrics().borrow().clone();
+        let m = self.raft().metrics().borrow().clone();
         let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
         let window = self.inner.timing.election_max * 2;
         let mut reachable: BTreeSet<NodeId> =
@@ -878,7 +961,7 @@ impl UnitDb {
 
     fn reach_detail(&self) -> String {
         let reach = self.reach().explain();
-        match self.inner.raft.metrics().borrow().current_leader {
+        match self.raft().metrics().borrow().current_leader {
             Some(l) if l == self.inner.id => format!("this node leads but {reach}"),
             Some(l) => format!("this node {reach}; last known leader: node {l}"),
             None => format!("this node {reach}; no leader elected"),
@@ -918,10 +1001,14 @@ impl UnitDb {
         F: Fn(Duration) -> Fut,
         Fut: Future<Output = Outcome<T>>,
     {
-        let mut rx = self.inner.raft.metrics();
+        let mut rx = self.raft().metrics();
         loop {
             if self.inner.closed.load(Ordering::SeqCst) {
                 return Err(RouteFail::Shutdown);
+            }
+            if rx.has_changed().is_err() {
+                // The engine was restarted (force quorum): follow the new one.
+                self.renew_metrics(&mut rx).await;
             }
             let now = Instant::now();
             if now >= deadline {
@@ -997,7 +1084,7 @@ impl UnitDb {
     }
 
     async fn leader_write(&self, batch: Batch, limit: Duration) -> Outcome<u64> {
-        match tokio::time::timeout(limit, self.inner.raft.client_write(batch)).await {
+        match tokio::time::timeout(limit, self.raft().client_write(batch)).await {
             Err(_) => Outcome::Timeout(self.reach_detail()),
             Ok(Ok(resp)) => match resp.data {
                 Applied::Done { index } | Applied::Internal { index } => Outcome::Ok(index),
@@ -1019,7 +1106,7 @@ impl UnitDb {
     }
 
     async fn leader_read_index(&self, limit: Duration) -> Outcome<u64> {
-        match tokio::time::timeout(limit, self.inner.raft.ensure_linearizable()).await {
+        match tokio::time::timeout(limit, self.raft().ensure_linearizable()).await {
             Err(_) => Outcome::Timeout(self.reach_detail()),
             Ok(Ok(id)) => Outcome::Ok(id.map(|l| l.index).unwrap_or(0)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
@@ -1083,7 +1170,7 @@ impl UnitDb {
 
     async fn leader_add_voter(&self, id: NodeId, info: NodeInfo, limit: Duration) -> Outcome<u64> {
         let deadline = Instant::now() + limit;
-        let raft = &self.inner.raft;
+        let raft = &self.raft();
         let already_voter = raft
             .metrics()
             .borrow()
@@ -1142,7 +1229,7 @@ impl UnitDb {
 
     async fn leader_remove_node(&self, id: NodeId, limit: Duration) -> Outcome<u64> {
         let deadline = Instant::now() + limit;
-        let raft = &self.inner.raft;
+        let raft = &self.raft();
         let mut ids = BTreeSet::new();
         ids.insert(id);
         let is_voter = raft
@@ -1262,14 +1349,19 @@ impl UnitDb {
         }
     }
 
-    async fn handle(&self, path: &str, authenticated: bool, body: Bytes) -> Response<Full<Bytes>> {
-        if !authenticated && path != "/unit/join" {
+    async fn handle(
+        &self,
+        path: &str,
+        peer: Option<&CertificateDer<'static>>,
+        body: Bytes,
+    ) -> Response<Full<Bytes>> {
+        if peer.is_none() && path != "/unit/join" {
             return text(
                 StatusCode::UNAUTHORIZED,
                 "a client certificate issued by this unit's CA is required",
             );
         }
-        let raft = &self.inner.raft;
+        let raft = &self.raft();
         let health = &self.inner.net.health;
         match path {
             "/raft/append" => {
@@ -1332,6 +1424,21 @@ impl UnitDb {
             },
             "/unit/join" => match parse::<JoinRequest>(&body) {
                 Ok(r) => json(&self.grant_join(r).await),
+                Err(e) => e,
+            },
+            "/unit/lease" => match parse::<LeaseRequest>(&body) {
+                Ok(r) => {
+                    // Only the node itself may ask for its lease: the id it
+                    // claims must be the one its certificate names.
+                    let answer = if peer.is_some_and(|c| self.inner.node_check.names(c, r.node)) {
+                        self.lease_decision(r.node)
+                    } else {
+                        crate::lease::LeaseAnswer::Refused(LeaseRefusal::WrongIdentity {
+                            claimed: r.node,
+                        })
+                    };
+                    json(&answer)
+                }
                 Err(e) => e,
             },
             "/unit/ping" => json(&self.inner.id),
@@ -1416,14 +1523,18 @@ async fn serve_conn(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, nod
             return;
         }
     };
-    let authenticated = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .is_some_and(|c| !c.is_empty());
+    // The client certificate (already verified against the unit CA).
+    let peer: Arc<Option<CertificateDer<'static>>> = Arc::new(
+        tls.get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned()),
+    );
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let node = node.clone();
-        async move { Ok::<_, Infallible>(dispatch(node, authenticated, req).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(dispatch(node, peer, req).await) }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
         .serve_connection(TokioIo::new(tls), svc)
@@ -1432,7 +1543,7 @@ async fn serve_conn(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, nod
 
 async fn dispatch(
     node: Weak<Inner>,
-    authenticated: bool,
+    peer: Arc<Option<CertificateDer<'static>>>,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let Some(inner) = node.upgrade() else {
@@ -1451,6 +1562,19 @@ async fn dispatch(
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use POST");
     }
+    if let Some(cert) = peer.as_ref() {
+        // Fault injection: a cut link drops requests in both directions.
+        let blocked = db.inner.net.blocked();
+        if blocked
+            .iter()
+            .any(|id| db.inner.node_check.names(cert, *id))
+        {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the link to this node is cut (fault injection)",
+            );
+        }
+    }
     let path = req.uri().path().to_string();
     let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
         Ok(b) => b.to_bytes(),
@@ -1461,5 +1585,5 @@ async fn dispatch(
             )
         }
     };
-    db.handle(&path, authenticated, body).await
+    db.handle(&path, peer.as_ref().as_ref(), body).await
 }

@@ -8,22 +8,23 @@
 
 use crate::logic;
 use crate::types::{
-    Applied, Change, Entry, Event, LogId, NodeId, Op, Record, Snapshot, SnapshotMeta, StorageError,
-    StoredMembership, TypeConfig, Vote,
+    Applied, Change, Entry, Event, LogId, NodeId, NodeInfo, Op, Record, Snapshot, SnapshotMeta,
+    StorageError, StoredMembership, TypeConfig, Vote,
 };
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine};
 use openraft::{
-    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader,
-    RaftSnapshotBuilder, StorageIOError,
+    CommittedLeaderId, EntryPayload, ErrorSubject, ErrorVerb, Membership, OptionalSend, RaftLogId,
+    RaftLogReader, RaftSnapshotBuilder, StorageIOError,
 };
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 const ENTRIES: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("raft_log");
 const LOG_META: TableDefinition<'static, &'static str, &'static [u8]> =
@@ -164,6 +165,111 @@ impl LogStore {
         }
         Ok(out)
     }
+
+    /// The log entries after `index` (all of them for `None`): on a follower,
+    /// what it has stored but not applied yet.
+    pub(crate) fn entries_after(&self, index: Option<u64>) -> Result<Vec<Entry>, DiskError> {
+        let start = match index {
+            Some(i) => Bound::Excluded(i),
+            None => Bound::Unbounded,
+        };
+        self.read_range(start, Bound::Unbounded)
+    }
+
+    /// Force quorum, on a stopped node: appends a membership entry that makes
+    /// `id` the only voter (and the only member), in a term above every term
+    /// this node has voted in or logged, and records a vote for `id` in that
+    /// term. One redb transaction, so a crash leaves either the old or the
+    /// new state.
+    ///
+    /// Why the term: in a unit of two voters, every entry the other node can
+    /// hold was written by a leader that this node voted for (or by this
+    /// node), so its terms are at most this node's vote term. The forced
+    /// entry's term is higher, which makes this node's log more up to date
+    /// than the other's forever: Raft's vote check refuses the other node's
+    /// candidacy, and its stale entries can never overwrite this log.
+    ///
+    /// `expected_voters` guards against a membership that changed since the
+    /// caller checked it.
+    pub(crate) fn force_single_voter(
+        &self,
+        id: NodeId,
+        info: NodeInfo,
+        expected_voters: &BTreeSet<NodeId>,
+        applied_membership: &StoredMembership,
+    ) -> Result<ForcedEntry, ForceStorageError> {
+        let txn = self.db.begin_write().map_err(DiskError::from)?;
+        let forced = {
+            let mut meta = txn.open_table(LOG_META).map_err(DiskError::from)?;
+            let mut entries = txn.open_table(ENTRIES).map_err(DiskError::from)?;
+            let vote: Option<Vote> = get_json(&meta, VOTE)?;
+            let last_purged: Option<LogId> = get_json(&meta, LAST_PURGED)?;
+            let last: Option<Entry> = match entries.last().map_err(DiskError::from)? {
+                Some((_, v)) => Some(serde_json::from_slice(v.value()).map_err(DiskError::from)?),
+                None => None,
+            };
+            let last_id = last.as_ref().map(|e| e.log_id).or(last_purged);
+            let Some(last_id) = last_id else {
+                return Err(ForceStorageError::Refused(
+                    "this node has no Raft log: it never belonged to a unit".into(),
+                ));
+            };
+            // The effective membership is the last one in the log, or the
+            // applied one when the log holds none.
+            let mut membership = applied_membership.membership().clone();
+            for item in entries.iter().map_err(DiskError::from)?.rev() {
+                let (_, v) = item.map_err(DiskError::from)?;
+                let e: Entry = serde_json::from_slice(v.value()).map_err(DiskError::from)?;
+                if let EntryPayload::Membership(m) = e.payload {
+                    membership = m;
+                    break;
+                }
+            }
+            let configs = membership.get_joint_config();
+            if configs.len() != 1 || configs.first() != Some(expected_voters) {
+                return Err(ForceStorageError::Refused(format!(
+                    "the stored membership ({configs:?}) differs from the one checked ({expected_voters:?}): retry"
+                )));
+            }
+            let vote_term = vote.map(|v| v.leader_id().term).unwrap_or(0);
+            let term = vote_term.max(last_id.leader_id.term) + 1;
+            let log_id = LogId::new(CommittedLeaderId::new(term, id), last_id.index + 1);
+            let mut nodes = BTreeMap::new();
+            nodes.insert(id, info);
+            let mut voters = BTreeSet::new();
+            voters.insert(id);
+            let entry = Entry {
+                log_id,
+                payload: EntryPayload::Membership(Membership::new(vec![voters], nodes)),
+            };
+            let bytes = serde_json::to_vec(&entry).map_err(DiskError::from)?;
+            entries
+                .insert(log_id.index, bytes.as_slice())
+                .map_err(DiskError::from)?;
+            put_json(&mut meta, VOTE, &Vote::new(term, id))?;
+            ForcedEntry { log_id }
+        };
+        txn.commit().map_err(DiskError::from)?;
+        Ok(forced)
+    }
+}
+
+/// The membership entry written by [`LogStore::force_single_voter`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ForcedEntry {
+    /// Its log id (term and index).
+    pub log_id: LogId,
+}
+
+/// Why [`LogStore::force_single_voter`] wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ForceStorageError {
+    /// The stored state does not allow it.
+    #[error("{0}")]
+    Refused(String),
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
 }
 
 fn owned_bound(b: Bound<&u64>) -> Bound<u64> {
@@ -403,6 +509,29 @@ impl StateReader {
         Ok(out)
     }
 
+    /// One record and the last applied log id, from one consistent read.
+    pub fn get_with_applied(
+        &self,
+        table: &str,
+        key: &str,
+    ) -> Result<(Option<Record>, Option<LogId>), DiskError> {
+        let txn = self.db.begin_read()?;
+        let t = txn.open_table(RECORDS)?;
+        let rec = match t.get((table, key))? {
+            Some(v) => Some(decode_record(v.value())?),
+            None => None,
+        };
+        let m = txn.open_table(SM_META)?;
+        Ok((rec, get_json(&m, LAST_APPLIED)?))
+    }
+
+    /// The membership stored by the state machine (the last applied one).
+    pub fn applied_membership(&self) -> Result<StoredMembership, DiskError> {
+        let txn = self.db.begin_read()?;
+        let m = txn.open_table(SM_META)?;
+        Ok(get_json(&m, MEMBERSHIP)?.unwrap_or_default())
+    }
+
     /// The log id of the last applied entry.
     pub fn last_applied(&self) -> Result<Option<LogId>, DiskError> {
         let txn = self.db.begin_read()?;
@@ -415,6 +544,9 @@ impl StateReader {
 pub struct StateMachine {
     db: Arc<Database>,
     events: broadcast::Sender<Event>,
+    /// Dropped with the state machine: lets a restart wait until openraft's
+    /// state machine worker of the previous engine has finished its queue.
+    alive: watch::Sender<()>,
 }
 
 impl StateMachine {
@@ -429,6 +561,7 @@ impl StateMachine {
         Ok(StateMachine {
             db: Arc::new(db),
             events,
+            alive: watch::channel(()).0,
         })
     }
 
@@ -437,6 +570,21 @@ impl StateMachine {
         StateReader {
             db: self.db.clone(),
         }
+    }
+
+    /// A state machine on the database of `reader` (already open), for a
+    /// restarted Raft engine.
+    pub(crate) fn on_shared(reader: &StateReader, events: broadcast::Sender<Event>) -> Self {
+        StateMachine {
+            db: reader.db.clone(),
+            events,
+            alive: watch::channel(()).0,
+        }
+    }
+
+    /// A receiver whose `changed()` fails once this state machine is dropped.
+    pub(crate) fn drop_signal(&self) -> watch::Receiver<()> {
+        self.alive.subscribe()
     }
 }
 

@@ -422,6 +422,41 @@ impl NodeIdentity {
     }
 }
 
+/// Tells whether a certificate of this unit names a given node (the CA
+/// already verified the chain during the handshake; this binds the node id a
+/// request claims to the certificate that sent it).
+#[derive(Debug, Clone)]
+pub(crate) struct NodeNameCheck {
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
+}
+
+impl NodeNameCheck {
+    /// True when `cert` is valid under the unit CA for node `id`.
+    pub(crate) fn names(&self, cert: &CertificateDer<'_>, id: NodeId) -> bool {
+        let Ok(name) = ServerName::try_from(node_name(id)) else {
+            return false;
+        };
+        // Node certificates carry both server and client auth, so the
+        // server-side check of the name applies to a client certificate.
+        self.verifier
+            .verify_server_cert(cert, &[], &name, &[], UnixTime::now())
+            .is_ok()
+    }
+}
+
+impl NodeIdentity {
+    /// The name check for peers of this node's unit.
+    pub(crate) fn node_name_check(&self) -> Result<NodeNameCheck, TlsError> {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
+        Ok(NodeNameCheck { verifier })
+    }
+}
+
 /// A client configuration for a node that has no certificate yet: it accepts
 /// a server only if the server's chain contains a CA certificate with the
 /// pinned fingerprint and the server certificate is valid under that CA.

@@ -1,0 +1,542 @@
+//! The agent inside a unit (SPEC S1, U6): every volume is a mirror between
+//! the two PMs, VMs run on the PM their record names (`host`), and the local
+//! replica of each volume is primary or secondary as the unit database says
+//! (`VolumeRecord::mirror`). This module reconciles the local replicas with
+//! those records and serves each primary to QEMU over an NBD Unix socket.
+//!
+//! The unit layer itself (membership, heartbeats, leases, failover
+//! decisions) lives outside the agent and is reached through [`UnitLink`].
+
+use crate::{Agent, AgentError, Result};
+use pairvisor_mirror::nbd::server::NbdServer;
+use pairvisor_mirror::{CreateOptions, Replica, Role, Status, Volume, VolumeOptions};
+use pairvisor_store::{MirrorRecord, StorageGroupRecord, VmRecord, VolumeRecord};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex as StdMutex};
+use tokio::task::AbortHandle;
+use tracing::{info, warn};
+
+/// The partner PM, as the agent needs to reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartnerLink {
+    /// Its PM name.
+    pub name: String,
+    /// Host (IP) of its replication listeners, on the private link.
+    pub repl_host: String,
+}
+
+/// What the agent needs from the unit layer.
+pub trait UnitLink: Send + Sync {
+    /// This PM's name.
+    fn pm_name(&self) -> String;
+    /// The partner, once it has joined.
+    fn partner(&self) -> Option<PartnerLink>;
+    /// This PM's replication listen host (its private-link IP).
+    fn repl_host(&self) -> String;
+    /// The unit secret authenticating replication.
+    fn mirror_secret(&self) -> Vec<u8>;
+    /// Whether this PM holds its lease from the unit's majority (SPEC U6):
+    /// without it, degraded writes are held and VMs must not run.
+    fn holds_lease(&self) -> bool;
+    /// How long the lease still runs (None: not held).
+    fn lease_remaining(&self) -> Option<std::time::Duration>;
+}
+
+/// A PM whose lease has not been renewed for this long before its expiry
+/// stops its VMs, so that they are gone before the lease ends and long
+/// before the partner may start them (lease + drift margin after fencing).
+const STOP_BEFORE_EXPIRY: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// First replication port; each volume gets its own, unique in the unit.
+const FIRST_REPL_PORT: u16 = 7700;
+
+/// One open local replica.
+pub(crate) struct OpenMirror {
+    pub(crate) vol: Arc<Volume>,
+    pub(crate) socket: PathBuf,
+    port: u16,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for OpenMirror {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The local replicas of this PM.
+#[derive(Default)]
+pub(crate) struct Mirrors {
+    open: StdMutex<HashMap<String, Arc<OpenMirror>>>,
+}
+
+/// A volume's replica state on this PM, for views.
+#[derive(Debug, Clone)]
+pub struct LocalReplica {
+    /// The mirror's own status (role, link, resync, generation ids).
+    pub status: Status,
+}
+
+impl Agent {
+    /// The unit link, when this PM is in a unit.
+    pub(crate) fn unit(&self) -> Option<Arc<dyn UnitLink>> {
+        self.inner
+            .unit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// This PM's name when it is in a unit.
+    pub fn pm_name(&self) -> Option<String> {
+        self.unit().map(|u| u.pm_name())
+    }
+
+    /// Joins the agent to a unit: from now on volumes are mirrors and only
+    /// VMs hosted here run here. Starts the reconciler and re-attaches to (or
+    /// restarts) this PM's VMs.
+    pub async fn set_unit(&self, link: Arc<dyn UnitLink>) {
+        *self.inner.unit.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
+        self.reconcile_mirrors().await;
+        // Two loops, so that a slow reconciliation never delays stopping VMs
+        // when the lease runs out.
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            // Fast enough to stop VMs within STOP_BEFORE_EXPIRY.
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Agent { inner }.enforce_lease().await;
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let agent = Agent { inner };
+                agent.reconcile_mirrors().await;
+                let healthy = agent
+                    .unit()
+                    .and_then(|u| u.lease_remaining())
+                    .is_some_and(|r| r > STOP_BEFORE_EXPIRY * 2);
+                if healthy {
+                    agent.ensure_running().await;
+                }
+            }
+        });
+        self.recover().await;
+    }
+
+    /// Whether `rec` runs (or would start) on this PM.
+    pub(crate) fn is_mine(&self, rec: &VmRecord) -> bool {
+        match self.unit() {
+            None => true,
+            Some(u) => rec.host.as_deref().is_none_or(|h| h == u.pm_name()),
+        }
+    }
+
+    /// Refuses an operation on a VM hosted by the other PM.
+    pub(crate) fn check_mine(&self, rec: &VmRecord) -> Result<()> {
+        if self.is_mine(rec) {
+            return Ok(());
+        }
+        Err(AgentError::Conflict(format!(
+            "VM '{}' is hosted by PM {}; send the request to that PM (or migrate the VM)",
+            rec.name,
+            rec.host.as_deref().unwrap_or("?")
+        )))
+    }
+
+    /// A new volume's mirror record: primary here, epoch 1, a free port.
+    pub(crate) fn new_mirror_record(&self, existing: &[VolumeRecord]) -> Option<MirrorRecord> {
+        let u = self.unit()?;
+        let port = existing
+            .iter()
+            .filter_map(|v| v.mirror.as_ref().map(|m| m.port))
+            .max()
+            .map_or(FIRST_REPL_PORT, |p| p.saturating_add(1));
+        Some(MirrorRecord {
+            primary: u.pm_name(),
+            epoch: 1,
+            port,
+        })
+    }
+
+    /// Where this PM keeps its replica of `v`. The default group resolves
+    /// to this PM's own storage directory (its record holds the founding
+    /// PM's path); other groups keep a per-PM sub-directory so that two PMs
+    /// sharing a file system (the lab) never share a replica.
+    pub(crate) fn replica_dir(&self, v: &VolumeRecord) -> Result<PathBuf> {
+        let g: StorageGroupRecord = self.load("storage group", &v.group)?;
+        let me = self.pm_name().unwrap_or_default();
+        let base = if g.name == "default" {
+            self.paths().default_storage()
+        } else {
+            Path::new(&g.path).join(me)
+        };
+        Ok(base.join(format!("{}.mirror", v.name)))
+    }
+
+    /// The NBD socket serving the local primary replica of `volume`.
+    pub(crate) fn nbd_socket(&self, volume: &str) -> Option<PathBuf> {
+        self.inner
+            .mirrors
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .map(|m| m.socket.clone())
+    }
+
+    /// The local replica of `volume`, if open.
+    pub(crate) fn local_mirror(&self, volume: &str) -> Option<Arc<OpenMirror>> {
+        self.inner
+            .mirrors
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(volume)
+            .cloned()
+    }
+
+    /// The local replica's status of `volume`.
+    pub fn replica_status(&self, volume: &str) -> Option<LocalReplica> {
+        self.local_mirror(volume).map(|m| LocalReplica {
+            status: m.vol.status(),
+        })
+    }
+
+    /// Makes the local replicas match the unit database: opens missing ones,
+    /// promotes/demotes, points primaries at the partner, closes deleted
+    /// volumes' replicas.
+    pub async fn reconcile_mirrors(&self) {
+        let Some(u) = self.unit() else { return };
+        let _g = self.inner.mirror_ops.lock().await;
+        let Ok(volumes) = self.store().list::<VolumeRecord>() else {
+            return;
+        };
+        let me = u.pm_name();
+        let partner = u.partner();
+        for v in &volumes {
+            let Some(m) = &v.mirror else { continue };
+            let open = match self.local_mirror(&v.name) {
+                Some(o) => o,
+                None => match self.open_mirror(v, m, u.as_ref()).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        warn!(volume = %v.name, "cannot open the local replica: {e}");
+                        continue;
+                    }
+                },
+            };
+            if m.primary == me {
+                if open.vol.role() != Role::Primary || open.vol.replica().meta().epoch != m.epoch {
+                    let r = if open.vol.replica().meta().epoch == m.epoch {
+                        open.vol.resume_primary(m.epoch)
+                    } else {
+                        open.vol.promote(m.epoch, false).await
+                    };
+                    match r {
+                        Ok(()) => info!(volume = %v.name, epoch = m.epoch, "replica is primary"),
+                        Err(e) => {
+                            warn!(volume = %v.name, "cannot make the replica primary: {e}");
+                            continue;
+                        }
+                    }
+                }
+                let want = partner
+                    .as_ref()
+                    .map(|p| format!("{}:{}", p.repl_host, m.port));
+                if open.vol.status().partner != want {
+                    open.vol.set_partner(want);
+                }
+            } else if open.vol.role() == Role::Primary {
+                info!(volume = %v.name, primary = %m.primary, "demoting the local replica");
+                open.vol.demote();
+            }
+        }
+        // Replicas of deleted volumes.
+        let gone: Vec<String> = {
+            let open = self
+                .inner
+                .mirrors
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            open.keys()
+                .filter(|k| !volumes.iter().any(|v| &v.name == *k && v.mirror.is_some()))
+                .cloned()
+                .collect()
+        };
+        for name in gone {
+            let m = self
+                .inner
+                .mirrors
+                .open
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            if let Some(m) = m {
+                let dir = m.vol.replica().dir().to_path_buf();
+                drop(m);
+                // Let the aborted tasks release the replica before removing it.
+                tokio::task::yield_now().await;
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    warn!(dir = %dir.display(), "could not delete a deleted volume's replica: {e}");
+                }
+            }
+        }
+    }
+
+    async fn open_mirror(
+        &self,
+        v: &VolumeRecord,
+        m: &MirrorRecord,
+        u: &dyn UnitLink,
+    ) -> Result<Arc<OpenMirror>> {
+        let dir = self.replica_dir(v)?;
+        let opts = CreateOptions {
+            volume_id: v.name.clone(),
+            size: v.size_bytes,
+            region_size: pairvisor_mirror::replica::DEFAULT_REGION_SIZE,
+            initial_gen: None,
+        };
+        let d = dir.clone();
+        let replica = tokio::task::spawn_blocking(move || Replica::open_or_create(&d, &opts))
+            .await
+            .map_err(|e| AgentError::Hypervisor(e.to_string()))?
+            .map_err(|e| AgentError::Invalid(format!("replica {}: {e}", dir.display())))?;
+        let vol = Volume::start(
+            replica,
+            VolumeOptions {
+                secret: u.mirror_secret(),
+                ..Default::default()
+            },
+        );
+        let unit = self.unit();
+        vol.set_degraded_predicate(Arc::new(move || {
+            unit.as_ref().is_some_and(|u| u.holds_lease())
+        }));
+        let mut tasks = Vec::new();
+        let addr = format!("{}:{}", u.repl_host(), m.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(AgentError::io(format!("replication listener on {addr}")))?;
+        tasks.push(tokio::spawn(vol.clone().serve_replication(listener)).abort_handle());
+        let socket = self
+            .paths()
+            .root()
+            .join("run")
+            .join(format!("nbd-{}.sock", v.name));
+        if let Some(p) = socket.parent() {
+            std::fs::create_dir_all(p)
+                .map_err(AgentError::io(format!("creating {}", p.display())))?;
+        }
+        let _ = std::fs::remove_file(&socket);
+        let nbd = tokio::net::UnixListener::bind(&socket)
+            .map_err(AgentError::io(format!("NBD socket {}", socket.display())))?;
+        tasks.push(
+            tokio::spawn(NbdServer::new(vol.clone(), v.name.clone()).serve_unix(nbd))
+                .abort_handle(),
+        );
+        info!(volume = %v.name, replica = %dir.display(), listen = %addr, "local replica open");
+        let open = Arc::new(OpenMirror {
+            vol,
+            socket,
+            port: m.port,
+            tasks,
+        });
+        self.inner
+            .mirrors
+            .open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(v.name.clone(), open.clone());
+        Ok(open)
+    }
+
+    /// Port of the local replica's listener (for views and checks).
+    pub fn replica_port(&self, volume: &str) -> Option<u16> {
+        self.local_mirror(volume).map(|m| m.port)
+    }
+
+    /// SPEC U6: a PM without its lease must not run VMs. Kills this PM's
+    /// QEMU processes (their records keep the state they had, so they start
+    /// again here when the lease comes back, or on the partner after a
+    /// takeover).
+    async fn enforce_lease(&self) {
+        let Some(u) = self.unit() else { return };
+        if u.lease_remaining().is_some_and(|r| r > STOP_BEFORE_EXPIRY) {
+            return;
+        }
+        let running: Vec<(String, Arc<crate::Running>)> = self
+            .inner
+            .running
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default();
+        for (name, run) in running {
+            warn!(vm = %name, "this PM lost its lease: stopping the VM (its I/O is frozen)");
+            *run.intent.lock().unwrap_or_else(|e| e.into_inner()) = crate::Intent::Fenced;
+            crate::stop_process(&run.qemu).await;
+            self.forget(&name);
+        }
+    }
+}
+
+impl Agent {
+    /// Starts this PM's VMs that should run but have no process here: after
+    /// a takeover (their host changed to this PM), after the lease came
+    /// back, or after a daemon restart that found QEMU gone. Only called
+    /// while the lease is held.
+    pub(crate) async fn ensure_running(&self) {
+        let Ok(vms) = self.store().list::<VmRecord>() else {
+            return;
+        };
+        for rec in vms {
+            let wants = matches!(
+                rec.state,
+                pairvisor_model::vm::VmState::Booting
+                    | pairvisor_model::vm::VmState::Running
+                    | pairvisor_model::vm::VmState::Crashed
+            );
+            if !wants || !self.is_mine(&rec) || self.running(&rec.name).is_some() {
+                continue;
+            }
+            let _g = self.inner.ops.lock().await;
+            let Ok(mut rec) = self.load_vm(&rec.name) else {
+                continue;
+            };
+            if !self.is_mine(&rec) || self.running(&rec.name).is_some() {
+                continue;
+            }
+            // Every volume must be primary here (the reconciler promotes
+            // them once the unit database says so).
+            let ready = rec.volumes().all(|v| {
+                self.local_mirror(v)
+                    .is_some_and(|m| m.vol.role() == Role::Primary)
+            });
+            if !ready {
+                continue;
+            }
+            let started = std::time::SystemTime::now();
+            match self.relaunch(&mut rec, "started on this PM").await {
+                Ok(()) => info!(vm = %rec.name, at = ?started, "VM started on this PM"),
+                Err(e) => warn!(vm = %rec.name, "cannot start the VM on this PM: {e}"),
+            }
+        }
+    }
+}
+
+/// What a takeover changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Takeover {
+    /// VMs now hosted here.
+    pub vms: Vec<String>,
+    /// Volumes whose replica here is now primary (with a new epoch).
+    pub volumes: Vec<String>,
+}
+
+impl Agent {
+    /// After the partner is fenced and its lease has expired: in one
+    /// transaction, this PM becomes host of the partner's VMs and primary
+    /// of its volumes, each with a new epoch (so that the partner's stale
+    /// primary can never complete a write). The reconciler then promotes the
+    /// replicas and [`Agent::ensure_running`] starts the VMs that were
+    /// running.
+    pub fn take_over_from(&self, partner: &str) -> Result<Takeover> {
+        let me = self
+            .pm_name()
+            .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
+        let t = self.store().write(|tx| {
+            let mut t = Takeover::default();
+            for mut vm in tx.list::<VmRecord>()? {
+                if vm.host.as_deref() == Some(partner) {
+                    vm.host = Some(me.clone());
+                    t.vms.push(vm.name.clone());
+                    tx.put(&vm)?;
+                }
+            }
+            for mut v in tx.list::<VolumeRecord>()? {
+                if let Some(m) = v.mirror.as_mut().filter(|m| m.primary == partner) {
+                    m.primary = me.clone();
+                    m.epoch += 1;
+                    t.volumes.push(v.name.clone());
+                    tx.put(&v)?;
+                }
+            }
+            Ok::<_, AgentError>(t)
+        })?;
+        if !t.vms.is_empty() || !t.volumes.is_empty() {
+            self.raise_alert(
+                "pm-failed",
+                &format!("pm/{partner}"),
+                crate::Severity::Critical,
+                format!(
+                    "PM {partner} stopped answering on every link and was fenced; {me} took over \
+                     its VMs ({}) and volumes ({})",
+                    list_or_dash(&t.vms),
+                    list_or_dash(&t.volumes)
+                ),
+                "Repair or restart the failed PM; when it is back, its replicas resync \
+                 automatically and the VMs run redundantly again",
+            );
+        }
+        Ok(t)
+    }
+
+    /// How many VMs and primary volumes `pm` holds.
+    pub fn hosted_by(&self, pm: &str) -> Result<(usize, usize)> {
+        let vms = self
+            .store()
+            .list::<VmRecord>()?
+            .iter()
+            .filter(|v| v.host.as_deref() == Some(pm))
+            .count();
+        let vols = self
+            .store()
+            .list::<VolumeRecord>()?
+            .iter()
+            .filter(|v| v.mirror.as_ref().is_some_and(|m| m.primary == pm))
+            .count();
+        Ok((vms, vols))
+    }
+}
+
+fn list_or_dash(v: &[String]) -> String {
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// One word (or short phrase) for a replica's state, for lists.
+pub(crate) fn sync_word(s: &Status) -> String {
+    use pairvisor_mirror::volume::LinkState;
+    match &s.link {
+        LinkState::InSync => "in_sync".into(),
+        LinkState::Standalone => "simplex".into(),
+        LinkState::Connecting { .. } if s.degraded => "degraded".into(),
+        LinkState::Connecting { .. } => "connecting".into(),
+        LinkState::Resyncing => match &s.resync {
+            Some(r) if r.total_regions > 0 => format!(
+                "resyncing {}%",
+                r.done_regions * 100 / r.total_regions.max(1)
+            ),
+            _ => "resyncing".into(),
+        },
+        LinkState::SplitBrain { .. } => "split_brain".into(),
+        LinkState::Waiting => "secondary (waiting for the primary)".into(),
+        LinkState::Replicating { .. } if !s.consistent => "secondary (being resynced)".into(),
+        LinkState::Replicating { .. } => "secondary (replicating)".into(),
+    }
+}

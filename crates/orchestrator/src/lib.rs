@@ -1,0 +1,170 @@
+//! The orchestrator: what turns one PM's agent into half of a unit.
+//!
+//! - [`join_agent`] moves the PM's records into the unit database (seeding it
+//!   when this PM founded the unit), gives the agent its [`UnitLink`] (PM
+//!   name, partner, replication addresses, unit secret, lease) and starts the
+//!   failover loop.
+//! - [`failover`] watches the partner (heartbeats on two links), fences it
+//!   through the unit database when it is lost, waits until its lease has
+//!   certainly expired, and then takes its VMs and volumes over (SPEC U6;
+//!   docs/fencing.md).
+
+pub mod failover;
+pub mod unitstore;
+
+use pairvisor_agent::{Agent, PartnerLink, UnitLink};
+use pairvisor_unit::{LeaseKeeper, UnitService};
+use pairvisor_unitdb::{Batch, UnitDb};
+use std::sync::Arc;
+use thiserror::Error;
+use tracing::info;
+
+/// Why the agent could not be joined to the unit.
+#[derive(Debug, Error)]
+pub enum OrchestratorError {
+    /// This node is not a PM (the witness has no agent).
+    #[error("this node is not a PM")]
+    NotPm,
+    /// The unit database refused or failed.
+    #[error("unit database: {0}")]
+    Db(String),
+    /// The local store failed.
+    #[error("local state database: {0}")]
+    Store(#[from] pairvisor_store::StoreError),
+}
+
+/// The host part of `host:port`.
+fn host_of(addr: &str) -> String {
+    match addr.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+        None => addr.to_string(),
+    }
+}
+
+/// The agent's view of the unit, backed by the unit database and the lease.
+pub struct PmLink {
+    db: UnitDb,
+    name: String,
+    repl_host: String,
+    secret: Vec<u8>,
+    lease: Arc<LeaseKeeper>,
+}
+
+impl UnitLink for PmLink {
+    fn pm_name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn partner(&self) -> Option<PartnerLink> {
+        UnitService::pms_of(&self.db)
+            .into_iter()
+            .find(|p| p.node_id != self.db.node_id())
+            .map(|p| PartnerLink {
+                name: p.addrs.name.clone(),
+                repl_host: host_of(&p.addrs.private_hb),
+            })
+    }
+
+    fn repl_host(&self) -> String {
+        self.repl_host.clone()
+    }
+
+    fn mirror_secret(&self) -> Vec<u8> {
+        self.secret.clone()
+    }
+
+    fn holds_lease(&self) -> bool {
+        self.lease.holds()
+    }
+
+    fn lease_remaining(&self) -> Option<std::time::Duration> {
+        self.lease.expires_in()
+    }
+}
+
+/// A running orchestrator (keeps the lease and the failover loop alive).
+pub struct Orchestrator {
+    /// This PM's lease.
+    pub lease: Arc<LeaseKeeper>,
+    failover: tokio::task::AbortHandle,
+}
+
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        self.failover.abort();
+    }
+}
+
+/// Makes the unit database the home of `store`'s records. The founding PM's
+/// records become the unit's; a joining PM adopts the unit's (the API
+/// refuses a join while the PM has VMs or volumes).
+pub async fn attach_store(
+    store: &pairvisor_store::Store,
+    db: UnitDb,
+) -> Result<(), OrchestratorError> {
+    if store.is_replicated() {
+        return Ok(());
+    }
+    let users = db
+        .list(<pairvisor_store::UserRecord as pairvisor_store::Record>::TABLE)
+        .map_err(|e| OrchestratorError::Db(e.to_string()))?;
+    if users.is_empty() {
+        let mut batch = Batch::new();
+        for (table, key, value) in store.export_local()? {
+            batch = batch.put(&table, &key, value);
+        }
+        db.write(batch)
+            .await
+            .map_err(|e| OrchestratorError::Db(e.to_string()))?;
+        info!("the unit database now holds this PM's records");
+    }
+    store.attach(Arc::new(unitstore::UnitStore::new(db)));
+    Ok(())
+}
+
+/// Joins `agent` to the unit whose database is `db` (see the module doc).
+pub async fn join_agent(
+    agent: &Agent,
+    svc: &Arc<UnitService>,
+    db: UnitDb,
+) -> Result<Arc<Orchestrator>, OrchestratorError> {
+    let pm = svc.pm().ok_or(OrchestratorError::NotPm)?.clone();
+    attach_store(agent.store(), db.clone()).await?;
+    let secret = UnitService::secret_of(&db)
+        .ok_or_else(|| OrchestratorError::Db("the unit has no secret yet".into()))?;
+    let timing = svc.timing();
+    let lease = Arc::new(LeaseKeeper::start(db.clone(), timing));
+    // Give the first lease rounds a chance before the agent decides about
+    // VMs still running from before a daemon restart: without a lease it
+    // would stop them.
+    let mut w = lease.watch();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_millis(timing.detection_ms()),
+        w.wait_for(|held| *held),
+    )
+    .await;
+    let link = Arc::new(PmLink {
+        db: db.clone(),
+        name: pm.name.clone(),
+        repl_host: host_of(&pm.private_hb),
+        secret: secret.into_bytes(),
+        lease: lease.clone(),
+    });
+    agent.set_unit(link).await;
+    let failover =
+        tokio::spawn(failover::run(agent.clone(), svc.clone(), db, lease.clone())).abort_handle();
+    info!(pm = %pm.name, "agent joined to the unit");
+    Ok(Arc::new(Orchestrator { lease, failover }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_of_strips_the_port() {
+        assert_eq!(host_of("10.1.1.1:7482"), "10.1.1.1");
+        assert_eq!(host_of("[::1]:7482"), "::1");
+        assert_eq!(host_of("pm-a"), "pm-a");
+    }
+}
