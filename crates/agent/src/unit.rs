@@ -386,7 +386,10 @@ impl Agent {
         for (name, run) in running {
             warn!(vm = %name, "this PM lost its lease: stopping the VM (its I/O is frozen)");
             *run.intent.lock().unwrap_or_else(|e| e.into_inner()) = crate::Intent::Fenced;
-            crate::stop_process(&run.qemu).await;
+            // SIGKILL, not `quit`: QEMU would first drain the guest's
+            // in-flight writes, which are held without a lease.
+            let _ = run.qemu.kill();
+            let _ = run.qemu.wait_exit(std::time::Duration::from_secs(5)).await;
             self.forget(&name);
         }
     }

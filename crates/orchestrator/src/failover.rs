@@ -36,6 +36,7 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
     let mut fence_seen: Option<(u64, Instant)> = None;
     let mut lost_since: Option<Instant> = None;
     let mut heard_since: Option<Instant> = None;
+    let mut health_since: Option<Instant> = None;
     loop {
         tick.tick().await;
         let Some(partner) = UnitService::pms_of(&db)
@@ -49,8 +50,17 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
             // VMs; the partner unfences it once it has taken over.
             continue;
         }
-        let lost = svc.health().await.is_some_and(|h| h.partner_lost);
         let now = Instant::now();
+        let health = svc.health().await;
+        if health.is_none() {
+            health_since = None;
+        }
+        // Heartbeats need a detection period after they start before
+        // "never heard" means "lost" (a PM that just joined, or restarted).
+        let settled = health.is_some()
+            && now.duration_since(*health_since.get_or_insert(now))
+                >= Duration::from_millis(timing.detection_ms() + timing.heartbeat_ms);
+        let lost = settled && health.is_some_and(|h| h.partner_lost);
         if lost {
             heard_since = None;
             let since = *lost_since.get_or_insert(now);

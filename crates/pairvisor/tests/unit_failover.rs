@@ -178,6 +178,31 @@ fn volume_in_sync(pm: &mut Pm, vol: &str) -> bool {
         .is_some_and(|v| v["sync"] == "in_sync")
 }
 
+/// Takes the lab down however the test ends; on failure, prints the
+/// members' log tails first.
+struct Lab(tempfile::TempDir);
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for m in ["pm-a", "pm-b", "witness"] {
+                let log = std::fs::read_to_string(self.0.path().join(format!("{m}.log")))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("---- {m} log (newest last) ----");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        let _ = Command::new(bin())
+            .args(["lab", "--dir"])
+            .arg(self.0.path())
+            .arg("down")
+            .output();
+    }
+}
+
 fn up(dir: &Path, net_base: u32) {
     let pid = std::process::id();
     let prefix = format!("pvf{}", pid % 1000);
@@ -218,7 +243,8 @@ fn demo_running_redundant(pm: &mut Pm) -> String {
 
 #[test]
 fn killed_pm_fails_over_without_losing_acknowledged_writes() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
     up(dir.path(), 110);
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
@@ -278,7 +304,8 @@ fn killed_pm_fails_over_without_losing_acknowledged_writes() {
 
 #[test]
 fn isolated_pm_stops_its_vm_before_the_partner_starts_it() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
     up(dir.path(), 130);
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
