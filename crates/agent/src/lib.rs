@@ -13,6 +13,7 @@
 
 mod alerts;
 mod error;
+mod migrate;
 mod paths;
 mod storage;
 mod types;
@@ -20,6 +21,7 @@ mod unit;
 
 pub use alerts::Severity;
 pub use error::{AgentError, Result};
+pub use migrate::{MigrateRequest, MigrationView, RemedyRequest};
 pub use paths::Paths;
 pub use types::*;
 pub use unit::{LocalReplica, PartnerLink, Takeover, UnitLink};
@@ -70,6 +72,8 @@ pub(crate) enum Intent {
     /// This PM lost its lease (SPEC U6): killed without a state change; it
     /// starts again here when the lease returns, or on the partner.
     Fenced,
+    /// Live-migrated away: the VM runs on the partner now.
+    Migrated,
 }
 
 /// A QEMU process we manage.
@@ -102,6 +106,8 @@ struct Inner {
     mirrors: unit::Mirrors,
     /// Serialises mirror reconciliation.
     mirror_ops: Mutex<()>,
+    /// Live migrations (unit mode).
+    migrations: migrate::Migrations,
 }
 
 /// The agent of one PM. Cheap to clone.
@@ -161,6 +167,7 @@ impl Agent {
                 unit: StdMutex::new(None),
                 mirrors: Default::default(),
                 mirror_ops: Mutex::new(()),
+                migrations: Default::default(),
             }),
         };
         agent.ensure_default_group()?;
@@ -1147,7 +1154,7 @@ impl Agent {
         };
         let clean =
             panic.is_none() && (matches!(intent, Intent::Shutdown | Intent::PowerOff) || guest_off);
-        if matches!(intent, Intent::Restart | Intent::Fenced) {
+        if matches!(intent, Intent::Restart | Intent::Fenced | Intent::Migrated) {
             return; // whoever killed it relaunches it
         }
         if clean {

@@ -123,6 +123,7 @@ impl Agent {
                 let Some(inner) = weak.upgrade() else { return };
                 let agent = Agent { inner };
                 agent.reconcile_mirrors().await;
+                agent.serve_incoming_migrations().await;
                 let healthy = agent
                     .unit()
                     .and_then(|u| u.lease_remaining())
@@ -411,7 +412,12 @@ impl Agent {
                     | pairvisor_model::vm::VmState::Running
                     | pairvisor_model::vm::VmState::Crashed
             );
-            if !wants || !self.is_mine(&rec) || self.running(&rec.name).is_some() {
+            if !wants
+                || !self.is_mine(&rec)
+                || self.running(&rec.name).is_some()
+                || self.incoming(&rec.name)
+                || self.migrating(&rec.name)
+            {
                 continue;
             }
             let _g = self.inner.ops.lock().await;

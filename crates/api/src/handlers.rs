@@ -203,6 +203,67 @@ pub async fn dump_vm(
     Ok(axum::Json(st.agent.dump(&name).await?))
 }
 
+/// Live-migrate a running VM to the partner PM (M1). Returns at once; follow
+/// the migration with `GET /vms/{name}/migration`.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", params(("name" = String, Path)),
+    request_body = MigrateRequest,
+    responses((status = 200, body = MigrationView), (status = 409, body = ErrorBody)))]
+pub async fn migrate_vm(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<MigrateRequest>,
+) -> ApiResult<axum::Json<MigrationView>> {
+    if let Some(ms) = req.max_downtime_ms {
+        if !(1..=60_000).contains(&ms) {
+            return Err(ApiError::invalid(format!(
+                "max_downtime_ms = {ms} is out of range; allowed: 1 to 60000"
+            )));
+        }
+    }
+    if req.bandwidth_mbps.is_some_and(|b| b > 100_000) {
+        return Err(ApiError::invalid(
+            "bandwidth_mbps is out of range; allowed: 0 (unlimited) to 100000",
+        ));
+    }
+    Ok(axum::Json(st.agent.migrate(&name, req).await?))
+}
+
+/// The current (or last) migration of a VM: phase, M2 figures, verdict,
+/// remedies, measured downtime.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/migration", params(("name" = String, Path)),
+    responses((status = 200, body = MigrationView), (status = 404, body = ErrorBody)))]
+pub async fn get_migration(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<MigrationView>> {
+    Ok(axum::Json(st.agent.migration(&name)?))
+}
+
+/// Apply a remedy to a migration that does not converge (M3).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migration/remedy", params(("name" = String, Path)),
+    request_body = RemedyRequest,
+    responses((status = 200, body = MigrationView), (status = 409, body = ErrorBody)))]
+pub async fn migration_remedy(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(name): Path<String>,
+    Json(req): Json<RemedyRequest>,
+) -> ApiResult<axum::Json<MigrationView>> {
+    Ok(axum::Json(st.agent.migration_remedy(&name, req).await?))
+}
+
+/// Cancel a migration (before its switch-over).
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/migration", params(("name" = String, Path)),
+    responses((status = 200, body = MigrationView), (status = 409, body = ErrorBody)))]
+pub async fn cancel_migration(
+    State(st): State<AppState>,
+    _: Caller,
+    Path(name): Path<String>,
+) -> ApiResult<axum::Json<MigrationView>> {
+    Ok(axum::Json(st.agent.cancel_migration(&name).await?))
+}
+
 /// Restart a critical VM and clear its crash counter.
 #[utoipa::path(post, path = "/api/v1/vms/{name}/reset-device", params(("name" = String, Path)),
     responses((status = 200, body = VmView), (status = 409, body = ErrorBody)))]

@@ -11,6 +11,7 @@
 
 pub mod auth;
 pub mod error;
+mod forward;
 mod handlers;
 pub mod live;
 mod unit;
@@ -65,7 +66,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         handlers::login, handlers::logout, handlers::whoami,
         handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::remove_vm,
         handlers::start_vm, handlers::shutdown_vm, handlers::poweroff_vm, handlers::dump_vm,
-        handlers::reset_device, handlers::boot_from_cd, handlers::insert_cd, handlers::eject_cd,
+        handlers::reset_device, handlers::migrate_vm, handlers::get_migration,
+        handlers::migration_remedy, handlers::cancel_migration, handlers::boot_from_cd, handlers::insert_cd, handlers::eject_cd,
         handlers::config_vm, handlers::console_log,
         handlers::list_volumes, handlers::create_volume, handlers::get_volume,
         handlers::delete_volume, handlers::attach_volume, handlers::detach_volume,
@@ -115,6 +117,12 @@ pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitServ
         .route("/vms/{name}/poweroff", post(poweroff_vm))
         .route("/vms/{name}/dump", post(dump_vm))
         .route("/vms/{name}/reset-device", post(reset_device))
+        .route("/vms/{name}/migrate", post(migrate_vm))
+        .route(
+            "/vms/{name}/migration",
+            get(get_migration).delete(cancel_migration),
+        )
+        .route("/vms/{name}/migration/remedy", post(migration_remedy))
         .route("/vms/{name}/boot-from-cd", post(boot_from_cd))
         .route("/vms/{name}/cd", put(insert_cd).delete(eject_cd))
         .route("/vms/{name}/config", post(config_vm))
@@ -175,6 +183,10 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("POST", "/vms/{name}/shutdown", Access::Operate),
     ("POST", "/vms/{name}/poweroff", Access::Operate),
     ("POST", "/vms/{name}/dump", Access::Operate),
+    ("POST", "/vms/{name}/migrate", Access::Operate),
+    ("GET", "/vms/{name}/migration", Access::Read),
+    ("DELETE", "/vms/{name}/migration", Access::Operate),
+    ("POST", "/vms/{name}/migration/remedy", Access::Operate),
     ("POST", "/vms/{name}/reset-device", Access::Operate),
     ("POST", "/vms/{name}/boot-from-cd", Access::Operate),
     ("PUT", "/vms/{name}/cd", Access::Operate),
@@ -232,7 +244,7 @@ pub(crate) fn check_access(user: &AuthUser, method: &Method, route: &str) -> Res
 
 /// Bearer-token authentication and role check for every protected route;
 /// puts the [`AuthUser`] into the request's extensions.
-async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+async fn authenticate(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -261,6 +273,12 @@ async fn authenticate(State(st): State<AppState>, mut req: Request, next: Next) 
                 resp.extensions_mut().insert(user);
                 return resp;
             }
+            let (req, forwarded) = forward::to_host(&st, req).await;
+            if let Some(mut resp) = forwarded {
+                resp.extensions_mut().insert(user);
+                return resp;
+            }
+            let mut req = req;
             req.extensions_mut().insert(user.clone());
             let mut resp = next.run(req).await;
             resp.extensions_mut().insert(user);

@@ -232,6 +232,45 @@ pub enum VmCmd {
         /// VM name.
         name: String,
     },
+    /// Live-migrate a running VM to the partner PM (M1); prints the progress
+    /// (M2 figures and convergence verdict) until it ends.
+    Migrate {
+        /// VM name.
+        name: String,
+        /// Maximum downtime at switch-over, ms (default: unit setting, 300).
+        #[arg(long)]
+        max_downtime_ms: Option<u64>,
+        /// Bandwidth cap, MB/s (default: unit setting; 0 = unlimited).
+        #[arg(long)]
+        bandwidth_mbps: Option<u64>,
+        /// Throttle the guest if it dirties memory too fast (M3).
+        #[arg(long)]
+        auto_converge: bool,
+        /// Return once started instead of following the progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show the current (or last) migration of a VM.
+    Migration {
+        /// VM name.
+        name: String,
+    },
+    /// Apply a remedy to a migration that does not converge (M3):
+    /// raise_downtime, auto_converge, post_copy, pause_and_finish.
+    MigrateRemedy {
+        /// VM name.
+        name: String,
+        /// The remedy.
+        remedy: String,
+        /// For raise_downtime: the new maximum, ms.
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+    },
+    /// Cancel a migration (before its switch-over).
+    MigrateCancel {
+        /// VM name.
+        name: String,
+    },
     /// Restart a critical VM and clear its crash counter.
     ResetDevice {
         /// VM name.
@@ -826,6 +865,62 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
             VmCmd::Shutdown { name } => out("", c.call(M::POST, &format!("/vms/{name}/shutdown"), None).await?),
             VmCmd::Poweroff { name } => out("", c.call(M::POST, &format!("/vms/{name}/poweroff"), None).await?),
             VmCmd::Dump { name } => out("", c.call(M::POST, &format!("/vms/{name}/dump"), None).await?),
+            VmCmd::Migrate { name, max_downtime_ms, bandwidth_mbps, auto_converge, no_wait } => {
+                let body = json!({"max_downtime_ms": max_downtime_ms, "bandwidth_mbps": bandwidth_mbps, "auto_converge": auto_converge});
+                let v = c.call(M::POST, &format!("/vms/{name}/migrate"), Some(body)).await?;
+                if no_wait {
+                    out("", v);
+                } else {
+                    let mut last = String::new();
+                    loop {
+                        let m = c.call(M::GET, &format!("/vms/{name}/migration"), None).await?;
+                        let phase = m["phase"].as_str().unwrap_or("").to_string();
+                        if phase == "done" || phase == "failed" {
+                            out("", m.clone());
+                            if phase == "failed" {
+                                return Err(CliError::Api {
+                                    status: 409,
+                                    code: "migration_failed".into(),
+                                    message: m["error"].as_str().unwrap_or("the migration failed").to_string(),
+                                    body: m.clone(),
+                                });
+                            }
+                            break;
+                        }
+                        let line = format!(
+                            "{phase}: {:.0}% of RAM sent, {:.1} MB/s, dirty {:.1} MB/s{}",
+                            100.0 * m["ram_transferred_bytes"].as_f64().unwrap_or(0.0)
+                                / m["ram_total_bytes"].as_f64().unwrap_or(1.0).max(1.0),
+                            m["bandwidth_bps"].as_f64().unwrap_or(0.0) / 1e6,
+                            m["dirty_rate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+                            match m["verdict"]["verdict"].as_str() {
+                                Some("not_converging") => format!(
+                                    " — NOT CONVERGING: {}",
+                                    m["verdict"]["explanation"].as_str().unwrap_or("")
+                                ),
+                                Some(v) => format!(" — {v}"),
+                                None => String::new(),
+                            }
+                        );
+                        if line != last && !cli.json {
+                            eprintln!("{line}");
+                            last = line;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            VmCmd::Migration { name } => out("", c.call(M::GET, &format!("/vms/{name}/migration"), None).await?),
+            VmCmd::MigrateRemedy { name, remedy, downtime_ms } => out(
+                "",
+                c.call(
+                    M::POST,
+                    &format!("/vms/{name}/migration/remedy"),
+                    Some(json!({"remedy": remedy, "downtime_ms": downtime_ms})),
+                )
+                .await?,
+            ),
+            VmCmd::MigrateCancel { name } => out("", c.call(M::DELETE, &format!("/vms/{name}/migration"), None).await?),
             VmCmd::ResetDevice { name } => {
                 out("", c.call(M::POST, &format!("/vms/{name}/reset-device"), None).await?)
             }

@@ -348,3 +348,115 @@ fn isolated_pm_stops_its_vm_before_the_partner_starts_it() {
     assert!(!a.qemu_alive(&id));
     lab(dir.path(), &["down"]);
 }
+
+fn wait_console(pm: &Pm, id: &str, needle: &str, secs: u64) {
+    until(
+        &format!("'{needle}' on {}'s console", pm.name),
+        secs,
+        || pm.console(id).contains(needle).then_some(()),
+    );
+}
+
+/// Follows a migration to its end through `pm`'s API.
+fn migration_done(pm: &mut Pm, vm: &str, secs: u64) -> Value {
+    until(&format!("migration of {vm} done"), secs, || {
+        pm.get(&format!("/vms/{vm}/migration"))
+            .filter(|m| m["phase"] == "done" || m["phase"] == "failed")
+    })
+}
+
+#[test]
+fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 150);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+
+    // Acknowledged writes before the migration, and a writer that keeps
+    // writing through it.
+    a.type_line(&id, "pv write 10 64");
+    wait_console(&a, &id, "pv-guest: write done 10 64", 60);
+    a.type_line(&id, "pv writer 12 16 100");
+    wait_console(&a, &id, "pv-guest: acked 12 ", 60);
+
+    // Asked on pm-b: forwarded to pm-a, which hosts the VM.
+    let (s, v) = b
+        .call("POST", "/vms/demo/migrate", Some(json!({})))
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let m = migration_done(&mut a, "demo", 120);
+    assert_eq!(m["phase"], "done", "{m:#}");
+    let downtime = m["downtime_ms"].as_u64().unwrap();
+    println!(
+        "{}",
+        json!({"migration": "busy guest (disk writer)", "downtime_ms": downtime,
+               "qemu_downtime_ms": m["qemu_downtime_ms"], "total_ms": m["total_ms"]})
+    );
+    assert!(
+        downtime < m["max_downtime_ms"].as_u64().unwrap() * 4,
+        "downtime {downtime} ms: {m:#}"
+    );
+    let vm = until("demo running on pm-b", 30, || {
+        b.vm("demo")
+            .filter(|v| v["host"] == "pm-b" && v["pid"].is_number() && v["state"] == "running")
+    });
+    assert_eq!(vm["id"], id.as_str());
+    assert!(!a.qemu_alive(&id), "the source QEMU is gone");
+    let vol = b.get("/volumes/demo-boot").unwrap();
+    assert_eq!(vol["primary"], "pm-b", "{vol}");
+    // The writer goes on writing on pm-b, and the writes acknowledged before
+    // the migration are there.
+    wait_console(&b, &id, "pv-guest: acked 12 ", 60);
+    b.type_line(&id, "pv stop");
+    wait_console(&b, &id, "pv-guest: stopped", 30);
+    b.type_line(&id, "pv verify 10 64");
+    wait_console(&b, &id, "pv-guest: verify ok 10 64", 60);
+    until("demo-boot in sync after migration", 60, || {
+        volume_in_sync(&mut b, "demo-boot").then_some(())
+    });
+
+    // A guest dirtying memory faster than a 4 MB/s cap: "not converging",
+    // with the numbers; pausing it finishes the migration.
+    b.type_line(&id, "pv dirty 64");
+    wait_console(&b, &id, "pv-guest: dirty started", 30);
+    let (s, v) = a
+        .call(
+            "POST",
+            "/vms/demo/migrate",
+            Some(json!({"bandwidth_mbps": 4})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let m = until("a not-converging verdict", 120, || {
+        b.get("/vms/demo/migration")
+            .filter(|m| m["verdict"]["verdict"] == "not_converging")
+    });
+    let why = m["verdict"]["explanation"].as_str().unwrap();
+    assert!(why.contains("MB/s"), "{why}");
+    assert!(
+        m["remedies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r == "pause_and_finish"),
+        "{m:#}"
+    );
+    println!("{}", json!({"not_converging": why}));
+    let (s, v) = a
+        .call(
+            "POST",
+            "/vms/demo/migration/remedy",
+            Some(json!({"remedy": "pause_and_finish"})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let m = migration_done(&mut b, "demo", 300);
+    assert_eq!(m["phase"], "done", "{m:#}");
+    until("demo back on pm-a", 30, || {
+        a.vm("demo")
+            .filter(|v| v["host"] == "pm-a" && v["pid"].is_number())
+    });
+    lab(dir.path(), &["down"]);
+}

@@ -128,6 +128,7 @@ pub const REPLICATED_TABLES: &[&str] = &[
     UserRecord::TABLE,
     TokenRecord::TABLE,
     AlertRecord::TABLE,
+    MigrationRecord::TABLE,
     META,
 ];
 

@@ -312,6 +312,12 @@ pub struct Settings {
     /// V7 policy: restart a running guest whose instance check has failed
     /// for this many seconds (0: never; the alert is raised either way).
     pub unresponsive_restart_secs: u64,
+    /// Live migration: maximum downtime at switch-over, ms (M1; 300).
+    pub migration_max_downtime_ms: u64,
+    /// Live migration: bandwidth cap, MB/s (0: unlimited).
+    pub migration_bandwidth_mbps: u64,
+    /// Live migration: whether post-copy may be used as a remedy (M3).
+    pub migration_post_copy_allowed: bool,
 }
 
 impl Default for Settings {
@@ -327,6 +333,101 @@ impl Default for Settings {
             instance_check_interval_secs: 5,
             timezone: "UTC".into(),
             unresponsive_restart_secs: 0,
+            migration_max_downtime_ms: 300,
+            migration_bandwidth_mbps: 0,
+            migration_post_copy_allowed: true,
         }
+    }
+}
+
+/// Where a live migration between the PMs is (a workflow record in the unit
+/// database: each PM acts on the phases that concern it, so that the
+/// hand-over survives the loss of either side's memory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// The source asked the destination to start a paused QEMU.
+    Prepare,
+    /// The destination QEMU listens for the migration stream.
+    Ready,
+    /// Memory is being copied.
+    Copying,
+    /// The source guest is paused, the disks handed over (host and primary
+    /// replicas are now the destination's).
+    Switchover,
+    /// The VM runs on the destination.
+    Done,
+    /// It failed or was cancelled; `error` says why. The VM runs where
+    /// `host` says.
+    Failed,
+}
+
+/// A live migration (SPEC M1–M4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    /// The VM (one migration per VM at a time).
+    pub vm: String,
+    /// Unique id of this migration.
+    pub id: String,
+    /// Source PM.
+    pub source: String,
+    /// Destination PM.
+    pub dest: String,
+    /// Address the destination QEMU listens on (`host:port`).
+    pub listen: String,
+    /// Phase.
+    pub phase: MigrationPhase,
+    /// Why it failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Maximum downtime asked, ms.
+    pub max_downtime_ms: u64,
+    /// Bandwidth cap, bytes/s (0: unlimited).
+    pub bandwidth_bps: u64,
+    /// Auto-converge enabled from the start.
+    pub auto_converge: bool,
+    /// Post-copy possible (enabled on both QEMUs).
+    pub post_copy: bool,
+    /// Wall-clock ms when it started.
+    pub started_at_ms: u64,
+    /// Wall-clock ms when the source guest was paused for the switch-over.
+    #[serde(default)]
+    pub paused_at_ms: Option<u64>,
+    /// Wall-clock ms when the destination guest resumed.
+    #[serde(default)]
+    pub resumed_at_ms: Option<u64>,
+    /// QEMU's own downtime figure (guest stopped on the source → state
+    /// sent, including the hand-over pause), ms.
+    #[serde(default)]
+    pub qemu_downtime_ms: Option<u64>,
+    /// Wall-clock ms when the source saw the migration completed.
+    #[serde(default)]
+    pub completed_at_ms: Option<u64>,
+    /// Total time, ms, once done.
+    #[serde(default)]
+    pub total_ms: Option<u64>,
+}
+
+impl Record for MigrationRecord {
+    const TABLE: &'static str = "migrations";
+    fn key(&self) -> &str {
+        &self.vm
+    }
+}
+
+impl MigrationRecord {
+    /// Whether the migration is still under way.
+    pub fn active(&self) -> bool {
+        !matches!(self.phase, MigrationPhase::Done | MigrationPhase::Failed)
+    }
+
+    /// Downtime seen by the guest, ms: QEMU's figure (stopped on the source
+    /// until the last state was sent, which includes the disk hand-over)
+    /// plus the time the destination took to resume after that.
+    pub fn downtime_ms(&self) -> Option<u64> {
+        let tail = self
+            .resumed_at_ms?
+            .saturating_sub(self.completed_at_ms.unwrap_or(self.resumed_at_ms?));
+        Some(self.qemu_downtime_ms? + tail)
     }
 }

@@ -1,0 +1,153 @@
+//! "The API works on either PM": a request that acts on a VM hosted by the
+//! partner PM is forwarded there, with the caller's token (tokens live in
+//! the unit database, so the partner knows it). Reads of the VM record stay
+//! local (the unit database is replicated).
+
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{OriginalUri, Request};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pairvisor_store::VmRecord;
+
+/// Marks a forwarded request, so that it is never forwarded twice.
+const FORWARDED: &str = "x-pairvisor-forwarded";
+/// Largest body forwarded (VM operations carry small JSON bodies).
+const MAX_BODY: usize = 1 << 20;
+
+/// The VM a request acts on, if it needs the VM's host.
+fn vm_of(method: &Method, path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/vms/")?;
+    let (name, sub) = match rest.split_once('/') {
+        Some((n, s)) => (n, Some(s)),
+        None => (rest, None),
+    };
+    // GET /vms/{name} is answered from the replicated record anywhere.
+    if sub.is_none() && method == Method::GET {
+        return None;
+    }
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// Forwards `req` to the PM hosting its VM when that is the partner;
+/// otherwise gives the request back.
+pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>) {
+    let Some(unit) = st.unit.as_ref() else {
+        return (req, None);
+    };
+    if req.headers().contains_key(FORWARDED) {
+        return (req, None);
+    }
+    let path = req
+        .extensions()
+        .get::<OriginalUri>()
+        .map(|u| u.0.clone())
+        .unwrap_or_else(|| req.uri().clone());
+    let Some(vm) = vm_of(req.method(), path.path()) else {
+        return (req, None);
+    };
+    let Some(me) = st.agent.pm_name() else {
+        return (req, None);
+    };
+    let host = match st.agent.store().get::<VmRecord>(&vm) {
+        Ok(Some(r)) => r.host,
+        _ => None,
+    };
+    let Some(host) = host.filter(|h| *h != me) else {
+        return (req, None);
+    };
+    let Some(db) = unit.db().await else {
+        return (req, None);
+    };
+    let Some(target) = pairvisor_unit::UnitService::pms_of(&db)
+        .into_iter()
+        .find(|p| p.addrs.name == host)
+    else {
+        return (req, None);
+    };
+    let url = format!(
+        "{}{}",
+        target.addrs.api_url.trim_end_matches('/'),
+        path.path_and_query().map(|p| p.as_str()).unwrap_or("")
+    );
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            return (
+                Request::from_parts(parts, Body::empty()),
+                Some(
+                    crate::error::ApiError::invalid("request body too large to forward")
+                        .into_response(),
+                ),
+            )
+        }
+    };
+    let client = reqwest::Client::new();
+    let mut rb = client
+        .request(parts.method.clone(), &url)
+        .header(
+            FORWARDED,
+            HeaderValue::from_str(&me).unwrap_or(HeaderValue::from_static("pm")),
+        )
+        .body(body.to_vec());
+    for (k, v) in &parts.headers {
+        if k == axum::http::header::HOST || k == axum::http::header::CONTENT_LENGTH {
+            continue;
+        }
+        rb = rb.header(k, v);
+    }
+    let resp = match rb.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let err = crate::error::ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "host_unreachable",
+                format!(
+                    "VM '{vm}' is hosted by PM {host}, which did not answer ({e}); if {host} \
+                     has failed, the unit restarts the VM on this PM once {host} is fenced"
+                ),
+            );
+            return (
+                Request::from_parts(parts, Body::empty()),
+                Some(err.into_response()),
+            );
+        }
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = resp.bytes().await.unwrap_or_default();
+    let mut out = Response::new(Body::from(bytes));
+    *out.status_mut() = status;
+    for (k, v) in &headers {
+        if k == axum::http::header::CONTENT_LENGTH || k == axum::http::header::TRANSFER_ENCODING {
+            continue;
+        }
+        out.headers_mut().insert(k, v.clone());
+    }
+    (Request::from_parts(parts, Body::empty()), Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn which_requests_need_the_host() {
+        assert_eq!(vm_of(&Method::GET, "/api/v1/vms/web"), None);
+        assert_eq!(
+            vm_of(&Method::DELETE, "/api/v1/vms/web"),
+            Some("web".into())
+        );
+        assert_eq!(
+            vm_of(&Method::POST, "/api/v1/vms/web/start"),
+            Some("web".into())
+        );
+        assert_eq!(
+            vm_of(&Method::GET, "/api/v1/vms/web/console"),
+            Some("web".into())
+        );
+        assert_eq!(vm_of(&Method::GET, "/api/v1/vms"), None);
+        assert_eq!(vm_of(&Method::GET, "/api/v1/volumes/x"), None);
+    }
+}
