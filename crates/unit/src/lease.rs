@@ -105,6 +105,11 @@ impl Shared {
         (self.now_us() < d).then(|| self.origin + Duration::from_micros(d))
     }
 
+    fn deadline(&self) -> Option<Instant> {
+        let d = self.deadline_us.load(Ordering::Acquire);
+        (d > 0).then(|| self.origin + Duration::from_micros(d))
+    }
+
     fn expires_in(&self) -> Option<Duration> {
         self.expires_at()
             .map(|at| at.saturating_duration_since(Instant::now()))
@@ -218,6 +223,12 @@ impl LeaseKeeper {
         self.shared.expires_at()
     }
 
+    /// The end of the last lease this keeper obtained, past or future
+    /// (`None` before the first one and after [`LeaseKeeper::shutdown`]).
+    pub fn deadline(&self) -> Option<Instant> {
+        self.shared.deadline()
+    }
+
     /// A cloneable view for synchronous predicates.
     pub fn check(&self) -> LeaseCheck {
         LeaseCheck {
@@ -306,6 +317,10 @@ async fn run(db: UnitDb, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
             _ = tick.tick() => {
+                // A round whose answers never all came back (a panicked
+                // task) can no longer give a lease: forget it.
+                let lease = Duration::from_millis(shared.timing.lease_ms);
+                rounds.retain(|_, r| r.sent.elapsed() < lease);
                 let voters = db.metrics().voters();
                 if let Ok(mut v) = shared.voters.lock() {
                     v.retain(|id, _| voters.contains(id));

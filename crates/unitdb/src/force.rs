@@ -77,7 +77,9 @@ impl UnitDb {
     /// only voter it changes nothing.
     pub async fn force_quorum(&self) -> Result<ForcedQuorum, Error> {
         self.check_open()?;
-        let _restart = self.inner.restart.lock().await;
+        // Held until the new engine runs, so that `shutdown` cannot stop the
+        // old engine while this replaces it.
+        let restart = self.inner.restart.lock().await;
         self.check_open()?;
         let me = self.inner.id;
         let (configs, membership_index, term) = {
@@ -137,6 +139,7 @@ impl UnitDb {
         self.inner.restarting.store(true, Ordering::SeqCst);
         let result = self.rewrite_and_restart(me, &voters).await;
         self.inner.restarting.store(false, Ordering::SeqCst);
+        drop(restart);
         let forced = result?;
         tracing::warn!(
             node = me,

@@ -232,8 +232,12 @@ async fn force_quorum_lets_the_survivor_write_and_the_returning_partner_cannot_o
     c.heal();
     c.node_mut(b).start().await;
     let db_b = c.node(b).db().clone();
-    assert!(db_b.metrics().voters().contains(&a), "stale membership");
-    assert!(db_b.metrics().last_log_index >= b_log);
+    // (Right after opening, the metrics may not show the loaded state yet.)
+    db_b.wait_until("the stale partner's old membership", DEADLINE, |m| {
+        m.voters().contains(&a) && m.last_log_index >= b_log
+    })
+    .await
+    .unwrap();
     // It is refused a lease by the survivor (not a member any more); its
     // own grant is 1 of the 2 it believes it needs.
     assert_eq!(

@@ -12,8 +12,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
+/// The limit of every wait in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
+/// Short Raft timeouts for loopback.
 pub fn timing() -> Timing {
     Timing {
         heartbeat: Duration::from_millis(100),
@@ -24,6 +26,7 @@ pub fn timing() -> Timing {
     }
 }
 
+/// Logs warnings (or `RUST_LOG`) to the test output.
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
@@ -46,6 +49,8 @@ pub async fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() ->
     }
 }
 
+/// One node: its identity, directory and address, and its database while
+/// it runs.
 pub struct Node {
     pub id: u64,
     pub dir: PathBuf,
@@ -56,10 +61,12 @@ pub struct Node {
 }
 
 impl Node {
+    /// The running database (panics when stopped).
     pub fn db(&self) -> &UnitDb {
         self.db.as_ref().expect("node is running")
     }
 
+    /// Its configuration (test timing, its identity).
     pub fn config(&self) -> Config {
         let mut c = Config::new(self.id, &self.dir, self.addr);
         c.role = self.role;
@@ -70,6 +77,7 @@ impl Node {
         c
     }
 
+    /// Shuts the node down; its files stay.
     pub async fn stop(&mut self) {
         if let Some(db) = self.db.take() {
             db.shutdown().await;
@@ -99,6 +107,7 @@ impl Node {
     }
 }
 
+/// Nodes 1..=n of one unit, in temporary directories.
 pub struct Cluster {
     pub _tmp: TempDir,
     pub nodes: Vec<Node>,
@@ -182,16 +191,19 @@ impl Cluster {
         }
     }
 
+    /// Stops every node.
     pub async fn stop_all(&mut self) {
         for n in self.nodes.iter_mut() {
             n.stop().await;
         }
     }
 
+    /// Node `id`.
     pub fn node(&self, id: u64) -> &Node {
         &self.nodes[(id - 1) as usize]
     }
 
+    /// Node `id`, to stop or start it.
     pub fn node_mut(&mut self, id: u64) -> &mut Node {
         &mut self.nodes[(id - 1) as usize]
     }
