@@ -24,7 +24,7 @@ pub use error::{AgentError, Result};
 pub use migrate::{MigrateRequest, MigrationView, RemedyRequest};
 pub use paths::Paths;
 pub use types::*;
-pub use unit::{LocalReplica, PartnerLink, Takeover, UnitLink};
+pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink};
 
 use pairvisor_hypervisor::{QemuVm, QmpEvent};
 use pairvisor_model::admission::{self, Holder, PmResources, SystemReserve};
@@ -272,6 +272,7 @@ impl Agent {
         VmView {
             name: v.name.clone(),
             host: v.host.clone(),
+            preferred_pm: v.preferred_pm.clone(),
             id: v.id.clone(),
             state: v.state.to_string(),
             activity: v.state.activity().to_string(),
@@ -482,6 +483,7 @@ impl Agent {
             last_dump: None,
             created_at: now(),
             host: self.pm_name(),
+            preferred_pm: None,
         };
         self.apply_volume_plan(&plan, |tx| tx.put(&rec).map_err(Into::into))?;
         self.reconcile_mirrors().await;
@@ -553,6 +555,12 @@ impl Agent {
         let settings = self.settings()?;
         let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, op)?;
+        if !self.holds_lease() {
+            return Err(AgentError::Conflict(
+                "this PM does not hold its lease (it cannot reach a majority of the unit), so it                  may not start VMs (SPEC U6); restore the links, or force quorum if the partner                  is gone"
+                    .into(),
+            ));
+        }
         if let Some(cd) = cd {
             self.load_vcd(cd)?;
             rec.cdrom = Some(cd.to_string());

@@ -234,6 +234,13 @@ impl Agent {
         let partner = u.partner().ok_or_else(|| {
             AgentError::Conflict("the unit has no second PM yet: join one with `unit join`".into())
         })?;
+        let pstate = self.pm_state(&partner.name);
+        if !pstate.can_host_vms() {
+            return Err(AgentError::Conflict(format!(
+                "PM {} is {pstate}: it cannot take VMs; Finalize it first",
+                partner.name
+            )));
+        }
         let _g = self.inner.ops.lock().await;
         let rec = self.load_vm_here(name)?;
         pairvisor_model::vm::check_operation(

@@ -181,6 +181,9 @@ pub struct VmView {
     /// In a unit: the PM that runs it (or would start it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// In a unit: its preferred PM (L2), if set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preferred_pm: Option<String>,
     /// Hardware id.
     pub id: String,
     /// State (SPEC V4).

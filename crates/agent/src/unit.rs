@@ -9,6 +9,7 @@
 
 use crate::{Agent, AgentError, Result};
 use pairvisor_mirror::nbd::server::NbdServer;
+use pairvisor_mirror::volume::LinkState;
 use pairvisor_mirror::{CreateOptions, Replica, Role, Status, Volume, VolumeOptions};
 use pairvisor_store::{MirrorRecord, StorageGroupRecord, VmRecord, VolumeRecord};
 use std::collections::HashMap;
@@ -90,6 +91,11 @@ impl Agent {
             .clone()
     }
 
+    /// Whether this PM holds its lease (always true outside a unit).
+    pub fn holds_lease(&self) -> bool {
+        self.unit().is_none_or(|u| u.holds_lease())
+    }
+
     /// This PM's name when it is in a unit.
     pub fn pm_name(&self) -> Option<String> {
         self.unit().map(|u| u.pm_name())
@@ -128,7 +134,7 @@ impl Agent {
                     .unit()
                     .and_then(|u| u.lease_remaining())
                     .is_some_and(|r| r > STOP_BEFORE_EXPIRY * 2);
-                if healthy {
+                if healthy && agent.may_start_vms_here() {
                     agent.ensure_running().await;
                 }
             }
@@ -530,7 +536,6 @@ fn list_or_dash(v: &[String]) -> String {
 
 /// One word (or short phrase) for a replica's state, for lists.
 pub(crate) fn sync_word(s: &Status) -> String {
-    use pairvisor_mirror::volume::LinkState;
     match &s.link {
         LinkState::InSync => "in_sync".into(),
         LinkState::Standalone => "simplex".into(),
@@ -547,5 +552,216 @@ pub(crate) fn sync_word(s: &Status) -> String {
         LinkState::Waiting => "secondary (waiting for the primary)".into(),
         LinkState::Replicating { .. } if !s.consistent => "secondary (being resynced)".into(),
         LinkState::Replicating { .. } => "secondary (replicating)".into(),
+    }
+}
+
+/// One local replica, as shown before forcing quorum (SPEC U6: "after being
+/// shown which PM holds the most recent data").
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ReplicaReport {
+    /// Volume.
+    pub volume: String,
+    /// The PM the unit database names as primary.
+    pub recorded_primary: String,
+    /// The epoch the unit database records.
+    pub recorded_epoch: u64,
+    /// This replica's role.
+    pub role: String,
+    /// Highest epoch this replica has seen.
+    pub epoch: u64,
+    /// Its link state, in a word.
+    pub sync: String,
+    /// Not in the middle of a resync (its data is a complete image).
+    pub consistent: bool,
+    /// Generation identifiers (current and history), to compare with the
+    /// partner's.
+    #[schema(value_type = Object)]
+    pub generations: serde_json::Value,
+    /// What this means for this volume.
+    pub verdict: String,
+}
+
+impl Agent {
+    /// This PM's replicas with what they hold (see [`ReplicaReport`]).
+    pub fn replica_report(&self) -> Result<Vec<ReplicaReport>> {
+        let me = self.pm_name().unwrap_or_default();
+        let mut out = Vec::new();
+        for v in self.store().list::<VolumeRecord>()? {
+            let Some(m) = &v.mirror else { continue };
+            let Some(open) = self.local_mirror(&v.name) else {
+                out.push(ReplicaReport {
+                    volume: v.name.clone(),
+                    recorded_primary: m.primary.clone(),
+                    recorded_epoch: m.epoch,
+                    role: "absent".into(),
+                    epoch: 0,
+                    sync: "not open on this PM".into(),
+                    consistent: false,
+                    generations: serde_json::Value::Null,
+                    verdict:
+                        "this PM has no replica of the volume: the partner holds its only copy"
+                            .into(),
+                });
+                continue;
+            };
+            let st = open.vol.status();
+            let verdict = if !st.consistent {
+                "INCOMPLETE here (a resync into this replica was interrupted): the partner holds \
+                 the newest data; forcing quorum here would start from an inconsistent image"
+                    .to_string()
+            } else if m.primary == me {
+                "newest here: this PM was the primary".to_string()
+            } else if matches!(st.link, LinkState::Replicating { .. }) || st.dirty_regions == 0 {
+                format!(
+                    "complete here: every write {} acknowledged while connected is on this \
+                     replica; writes {} made alone after the link broke (if any) would be lost",
+                    m.primary, m.primary
+                )
+            } else {
+                format!(
+                    "possibly behind: {} may have written alone after the link broke",
+                    m.primary
+                )
+            };
+            out.push(ReplicaReport {
+                volume: v.name.clone(),
+                recorded_primary: m.primary.clone(),
+                recorded_epoch: m.epoch,
+                role: match st.role {
+                    Role::Primary => "primary".into(),
+                    Role::Secondary => "secondary".into(),
+                },
+                epoch: st.epoch,
+                sync: sync_word(&st),
+                consistent: st.consistent,
+                generations: serde_json::to_value(&st.gen).unwrap_or_default(),
+                verdict,
+            });
+        }
+        Ok(out)
+    }
+}
+
+impl Agent {
+    /// A PM's maintenance state (running when never recorded).
+    pub fn pm_state(&self, pm: &str) -> pairvisor_model::pm::PmState {
+        self.store()
+            .get::<pairvisor_store::PmStateRecord>(pm)
+            .ok()
+            .flatten()
+            .map(|r| r.state)
+            .unwrap_or(pairvisor_model::pm::PmState::Running)
+    }
+
+    /// Records a PM's maintenance state (and what it is doing).
+    pub fn set_pm_state(
+        &self,
+        pm: &str,
+        state: pairvisor_model::pm::PmState,
+        progress: Option<String>,
+    ) -> Result<()> {
+        self.store().write(|tx| {
+            let mut r = tx.get::<pairvisor_store::PmStateRecord>(pm)?.unwrap_or(
+                pairvisor_store::PmStateRecord {
+                    name: pm.to_string(),
+                    state,
+                    progress: None,
+                    failures: Default::default(),
+                    updated_at: 0,
+                },
+            );
+            r.state = state;
+            r.progress = progress.clone();
+            r.updated_at = crate::now();
+            tx.put(&r)
+        })?;
+        Ok(())
+    }
+
+    /// The unit's power state.
+    pub fn unit_power(&self) -> pairvisor_store::UnitStateRecord {
+        self.store()
+            .get::<pairvisor_store::UnitStateRecord>("unit")
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Whether this PM may start VMs now: in service and the unit not
+    /// shutting down.
+    pub(crate) fn may_start_vms_here(&self) -> bool {
+        let Some(me) = self.pm_name() else {
+            return true;
+        };
+        self.pm_state(&me).can_host_vms()
+            && self.unit_power().power == pairvisor_store::UnitPower::Running
+    }
+
+    /// SPEC L2: sets (or clears) a VM's preferred PM.
+    pub fn set_preferred_pm(&self, vm: &str, pm: Option<String>) -> Result<crate::VmView> {
+        let u = self
+            .unit()
+            .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
+        if let Some(p) = &pm {
+            let known = *p == u.pm_name() || u.partner().is_some_and(|x| x.name == *p);
+            if !known {
+                return Err(AgentError::Invalid(format!(
+                    "'{p}' is not a PM of this unit; allowed: {}{}",
+                    u.pm_name(),
+                    u.partner()
+                        .map(|x| format!(", {}", x.name))
+                        .unwrap_or_default()
+                )));
+            }
+        }
+        self.store().write(|tx| {
+            let mut r: VmRecord = tx.get(vm)?.ok_or_else(|| AgentError::NotFound {
+                kind: "VM",
+                name: vm.to_string(),
+            })?;
+            r.preferred_pm = pm.clone();
+            tx.put(&r).map_err(AgentError::from)
+        })?;
+        self.get_vm(vm)
+    }
+
+    /// VMs hosted here that are running (names).
+    pub fn running_here(&self) -> Vec<String> {
+        self.inner
+            .running
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether every volume of `vm` is in sync with the partner (the VM is
+    /// fully redundant and may move).
+    pub fn vm_redundant(&self, vm: &VmRecord) -> bool {
+        vm.volumes().all(|v| {
+            self.local_mirror(v)
+                .is_some_and(|m| m.vol.status().link == LinkState::InSync)
+        })
+    }
+
+    /// Whether a resync from this PM's replicas is running (SPEC U3: do not
+    /// power off its source), with the least progress in percent.
+    pub fn resync_from_here(&self) -> Option<u8> {
+        let open = self
+            .inner
+            .mirrors
+            .open
+            .lock()
+            .map(|m| m.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        open.iter()
+            .filter_map(|m| {
+                let st = m.vol.status();
+                (st.role == Role::Primary && st.link == LinkState::Resyncing).then(|| {
+                    st.resync
+                        .map(|r| (r.done_regions * 100 / r.total_regions.max(1)) as u8)
+                        .unwrap_or(0)
+                })
+            })
+            .min()
     }
 }

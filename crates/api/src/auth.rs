@@ -137,7 +137,7 @@ pub fn login(store: &Store, name: &str, password: &str) -> ApiResult<(String, Us
         user: user.name.clone(),
         expires_at: now() + TOKEN_LIFETIME_SECS,
     };
-    store.write(|tx| {
+    let r = store.write(|tx| {
         // Drop expired tokens while we are here.
         let t = now();
         for old in tx.list::<TokenRecord>()? {
@@ -146,7 +146,18 @@ pub fn login(store: &Store, name: &str, password: &str) -> ApiResult<(String, Us
             }
         }
         tx.put(&rec)
-    })?;
+    });
+    match r {
+        Ok(()) => {}
+        // No quorum: the administrator must still be able to log in to this
+        // PM (to see what happened, or to force quorum). The token then
+        // works on this PM only.
+        Err(pairvisor_store::StoreError::Unit(e)) => {
+            tracing::warn!("login without the unit database ({e}): token valid on this PM only");
+            store.write_local(|tx| tx.put(&rec))?;
+        }
+        Err(e) => return Err(e.into()),
+    }
     Ok((token, user))
 }
 
@@ -161,9 +172,14 @@ pub fn authenticate(store: &Store, token: &str) -> ApiResult<AuthUser> {
             "missing, unknown or expired token; log in with POST /api/v1/auth/login",
         )
     };
-    let rec = store
-        .get::<TokenRecord>(&token_hash(token))?
-        .ok_or_else(unauthorized)?;
+    let hash = token_hash(token);
+    let rec = match store.get::<TokenRecord>(&hash)? {
+        Some(r) => r,
+        None if store.is_replicated() => store
+            .get_local::<TokenRecord>(&hash)?
+            .ok_or_else(unauthorized)?,
+        None => return Err(unauthorized()),
+    };
     if rec.expires_at <= now() {
         return Err(unauthorized());
     }

@@ -29,6 +29,13 @@ fn vm_of(method: &Method, path: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// The PM a `/pms/{name}/...` operation is about.
+fn pm_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/pms/")?;
+    let (name, _) = rest.split_once('/')?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 /// Forwards `req` to the PM hosting its VM when that is the partner;
 /// otherwise gives the request back.
 pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>) {
@@ -43,15 +50,21 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
         .get::<OriginalUri>()
         .map(|u| u.0.clone())
         .unwrap_or_else(|| req.uri().clone());
-    let Some(vm) = vm_of(req.method(), path.path()) else {
-        return (req, None);
-    };
     let Some(me) = st.agent.pm_name() else {
         return (req, None);
     };
-    let host = match st.agent.store().get::<VmRecord>(&vm) {
-        Ok(Some(r)) => r.host,
-        _ => None,
+    let (vm, host) = if let Some(pm) = pm_of(path.path()) {
+        // An operation on a PM runs on that PM.
+        (format!("PM {pm}"), Some(pm))
+    } else {
+        let Some(vm) = vm_of(req.method(), path.path()) else {
+            return (req, None);
+        };
+        let host = match st.agent.store().get::<VmRecord>(&vm) {
+            Ok(Some(r)) => r.host,
+            _ => None,
+        };
+        (format!("VM '{vm}'"), host)
     };
     let Some(host) = host.filter(|h| *h != me) else {
         return (req, None);
@@ -104,8 +117,8 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
                 StatusCode::BAD_GATEWAY,
                 "host_unreachable",
                 format!(
-                    "VM '{vm}' is hosted by PM {host}, which did not answer ({e}); if {host} \
-                     has failed, the unit restarts the VM on this PM once {host} is fenced"
+                    "{vm} is on PM {host}, which did not answer ({e}); if {host} has failed, \
+                     the unit restarts its VMs on this PM once {host} is fenced"
                 ),
             );
             return (

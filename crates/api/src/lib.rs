@@ -77,6 +77,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         handlers::get_settings, handlers::update_settings,
         handlers::audit, handlers::pm, handlers::list_alerts, handlers::acknowledge_alert,
         unit::show, unit::init, unit::join_token, unit::join,
+        unit::force_quorum_preview, unit::force_quorum, unit::list_pms, unit::work_on,
+        unit::finalize, unit::pm_shutdown, unit::pm_poweroff, unit::unit_shutdown,
+        unit::set_placement,
         live::events, live::vnc,
     ),
     modifiers(&BearerAuth),
@@ -144,6 +147,17 @@ pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitServ
         .route("/unit/init", post(unit::init))
         .route("/unit/join-token", post(unit::join_token))
         .route("/unit/join", post(unit::join))
+        .route(
+            "/unit/force-quorum",
+            get(unit::force_quorum_preview).post(unit::force_quorum),
+        )
+        .route("/unit/shutdown", post(unit::unit_shutdown))
+        .route("/pms", get(unit::list_pms))
+        .route("/pms/{name}/work-on", post(unit::work_on))
+        .route("/pms/{name}/finalize", post(unit::finalize))
+        .route("/pms/{name}/shutdown", post(unit::pm_shutdown))
+        .route("/pms/{name}/poweroff", post(unit::pm_poweroff))
+        .route("/vms/{name}/placement", put(unit::set_placement))
         .route("/alerts/{id}", axum::routing::delete(acknowledge_alert))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let public = Router::new().route("/auth/login", post(login)).route(
@@ -217,6 +231,15 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("POST", "/unit/init", Access::Administer),
     ("POST", "/unit/join-token", Access::Administer),
     ("POST", "/unit/join", Access::Administer),
+    ("GET", "/unit/force-quorum", Access::Administer),
+    ("POST", "/unit/shutdown", Access::Administer),
+    ("GET", "/pms", Access::Read),
+    ("POST", "/pms/{name}/work-on", Access::Administer),
+    ("POST", "/pms/{name}/finalize", Access::Administer),
+    ("POST", "/pms/{name}/shutdown", Access::Administer),
+    ("POST", "/pms/{name}/poweroff", Access::Administer),
+    ("PUT", "/vms/{name}/placement", Access::Administer),
+    ("POST", "/unit/force-quorum", Access::Administer),
     ("DELETE", "/alerts/{id}", Access::Operate),
     ("GET", "/events", Access::Read),
     ("GET", "/vms/{name}/vnc", Access::Operate),

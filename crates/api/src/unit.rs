@@ -37,10 +37,15 @@ fn service(st: &AppState) -> ApiResult<&std::sync::Arc<pairvisor_unit::UnitServi
 /// The unit: name, members, leader, PMs, heartbeat links.
 #[utoipa::path(get, path = "/api/v1/unit", responses((status = 200, body = Object)))]
 pub async fn show(State(st): State<AppState>) -> ApiResult<axum::Json<serde_json::Value>> {
-    let v = match &st.unit {
+    let mut v = match &st.unit {
         Some(u) => serde_json::to_value(u.view().await).unwrap_or_default(),
         None => serde_json::json!({"name": null, "enabled": false}),
     };
+    if st.agent.pm_name().is_some() {
+        // Unit power (U5) and this PM's lease (U6).
+        v["power"] = serde_json::to_value(st.agent.unit_power()).unwrap_or_default();
+        v["holds_lease"] = serde_json::json!(st.agent.holds_lease());
+    }
     Ok(axum::Json(v))
 }
 
@@ -133,4 +138,266 @@ pub async fn join(
     }
     let v = svc.join(&req.token).await.map_err(unit_err)?;
     Ok(axum::Json(serde_json::to_value(v).unwrap_or_default()))
+}
+
+/// What forcing quorum on this PM would mean (SPEC U6).
+#[derive(serde::Serialize, ToSchema)]
+pub struct ForceQuorumPreview {
+    /// This PM.
+    pub pm: String,
+    /// Whether this PM can reach a majority now (then forcing is refused).
+    pub has_quorum: bool,
+    /// Whether this PM holds its lease.
+    pub holds_lease: bool,
+    /// Milliseconds since the partner was last heard (None: never).
+    pub partner_silent_ms: Option<u64>,
+    /// This PM's replicas and what they hold, to compare with the partner's
+    /// (ask the partner's API if it still answers).
+    pub replicas: Vec<pairvisor_agent::ReplicaReport>,
+    /// What forcing does.
+    pub effect: String,
+}
+
+/// Force quorum on this PM.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ForceQuorumRequest {
+    /// Must be true: the administrator has checked the preview.
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+async fn preview(st: &AppState) -> ApiResult<ForceQuorumPreview> {
+    let svc = service(st)?;
+    let db = svc
+        .db()
+        .await
+        .ok_or_else(|| unit_err(pairvisor_unit::UnitError::NotMember))?;
+    let m = db.metrics();
+    let health = svc.health().await;
+    let me = svc.pm().map(|p| p.name.clone()).unwrap_or_default();
+    let holds_lease = st.agent.holds_lease();
+    Ok(ForceQuorumPreview {
+        pm: me.clone(),
+        has_quorum: m.leader.is_some(),
+        holds_lease,
+        partner_silent_ms: health.and_then(|h| h.partner_silent_ms),
+        replicas: st.agent.replica_report()?,
+        effect: format!(
+            "{me} becomes the only voter of the unit: it regains its lease, fences its partner \
+             and, after the partner's lease has certainly expired, starts the partner's VMs from \
+             its own replicas. Writes the partner made alone after the two lost each other are \
+             discarded when it returns and resyncs from {me}. Check the replicas above (and the \
+             partner's, if it still answers) before confirming."
+        ),
+    })
+}
+
+/// Preview forcing quorum on this PM.
+#[utoipa::path(get, path = "/api/v1/unit/force-quorum",
+    responses((status = 200, body = ForceQuorumPreview), (status = 409, body = ErrorBody)))]
+pub async fn force_quorum_preview(
+    State(st): State<AppState>,
+) -> ApiResult<axum::Json<ForceQuorumPreview>> {
+    Ok(axum::Json(preview(&st).await?))
+}
+
+/// Force quorum on this PM (U6): it becomes the unit's only voter. Refused
+/// without `confirm: true`; the refusal carries the preview.
+#[utoipa::path(post, path = "/api/v1/unit/force-quorum", request_body = ForceQuorumRequest,
+    responses((status = 200, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn force_quorum(
+    State(st): State<AppState>,
+    Json(req): Json<ForceQuorumRequest>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    let p = preview(&st).await?;
+    if !req.confirm {
+        let mut e = ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "confirmation_required",
+            format!(
+                "forcing quorum makes {} the only voter of the unit; check which PM holds the \
+                 newest data (details.replicas) and repeat with confirm: true \
+                 (`pairvisor unit force-quorum --yes`)",
+                p.pm
+            ),
+        );
+        e.body.details = serde_json::to_value(&p).ok();
+        return Err(e);
+    }
+    let db = service(&st)?
+        .db()
+        .await
+        .ok_or_else(|| unit_err(pairvisor_unit::UnitError::NotMember))?;
+    let r = db
+        .force_quorum()
+        .await
+        .map_err(|e| ApiError::new(axum::http::StatusCode::CONFLICT, "refused", e.to_string()))?;
+    tracing::warn!(pm = %p.pm, removed = ?r.removed, "quorum forced by the administrator");
+    Ok(axum::Json(serde_json::json!({
+        "forced": true,
+        "pm": p.pm,
+        "removed_voters": r.removed,
+        "term": r.term,
+        "replicas": p.replicas,
+    })))
+}
+
+fn maint_err(e: pairvisor_orchestrator::maintenance::MaintenanceError) -> ApiError {
+    use pairvisor_orchestrator::maintenance::MaintenanceError as M;
+    match e {
+        M::Agent(a) => a.into(),
+        M::Refused(r) => ApiError::new(axum::http::StatusCode::CONFLICT, "refused", r.to_string()),
+        M::Other(m) => ApiError::new(axum::http::StatusCode::CONFLICT, "conflict", m),
+    }
+}
+
+/// The unit's PMs with their states and allowed operations (U2).
+#[utoipa::path(get, path = "/api/v1/pms",
+    responses((status = 200, body = Vec<pairvisor_orchestrator::maintenance::PmStatusView>)))]
+pub async fn list_pms(
+    State(st): State<AppState>,
+) -> ApiResult<axum::Json<Vec<pairvisor_orchestrator::maintenance::PmStatusView>>> {
+    let svc = service(&st)?;
+    Ok(axum::Json(
+        pairvisor_orchestrator::maintenance::pms(&st.agent, &svc)
+            .await
+            .map_err(maint_err)?,
+    ))
+}
+
+/// Confirmation for operations that need it.
+#[derive(Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmRequest {
+    /// Confirm an operation that the unit asks to confirm (Work On with the
+    /// partner not running: the VMs are shut down instead of migrated).
+    #[serde(default)]
+    pub confirm: bool,
+}
+
+fn check_me(st: &AppState, name: &str) -> ApiResult<()> {
+    match st.agent.pm_name() {
+        Some(me) if me == name => Ok(()),
+        Some(me) => Err(ApiError::new(
+            axum::http::StatusCode::NOT_FOUND,
+            "not_found",
+            format!("PM '{name}' is not this PM ({me}) and its partner could not be reached"),
+        )),
+        None => Err(unit_err(pairvisor_unit::UnitError::NotMember)),
+    }
+}
+
+/// Work On (U3): evacuate the PM by live migration, then maintenance.
+#[utoipa::path(post, path = "/api/v1/pms/{name}/work-on", params(("name" = String, Path)),
+    request_body = ConfirmRequest,
+    responses((status = 202, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn work_on(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Json(req): Json<ConfirmRequest>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<serde_json::Value>)> {
+    check_me(&st, &name)?;
+    let svc = service(&st)?;
+    pairvisor_orchestrator::maintenance::work_on(&st.agent, &svc, req.confirm)
+        .await
+        .map_err(maint_err)?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"pm": name, "state": "evacuating",
+            "follow": "GET /api/v1/pms shows the progress"})),
+    ))
+}
+
+/// Finalize (U3): the PM in maintenance returns to service.
+#[utoipa::path(post, path = "/api/v1/pms/{name}/finalize", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn finalize(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    check_me(&st, &name)?;
+    let svc = service(&st)?;
+    pairvisor_orchestrator::maintenance::finalize(&st.agent, &svc)
+        .await
+        .map_err(maint_err)?;
+    Ok(axum::Json(
+        serde_json::json!({"pm": name, "state": "running"}),
+    ))
+}
+
+/// Shutdown (U3) of a PM in maintenance; refused while a resync from it runs.
+#[utoipa::path(post, path = "/api/v1/pms/{name}/shutdown", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn pm_shutdown(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    check_me(&st, &name)?;
+    let svc = service(&st)?;
+    pairvisor_orchestrator::maintenance::power_down(&st.agent, &svc, false)
+        .await
+        .map_err(maint_err)?;
+    Ok(axum::Json(
+        serde_json::json!({"pm": name, "state": "off (in maintenance)"}),
+    ))
+}
+
+/// Power Off (U3, hard) of a PM in maintenance; refused while a resync from
+/// it runs.
+#[utoipa::path(post, path = "/api/v1/pms/{name}/poweroff", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn pm_poweroff(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    check_me(&st, &name)?;
+    let svc = service(&st)?;
+    pairvisor_orchestrator::maintenance::power_down(&st.agent, &svc, true)
+        .await
+        .map_err(maint_err)?;
+    Ok(axum::Json(
+        serde_json::json!({"pm": name, "state": "off (in maintenance)"}),
+    ))
+}
+
+/// Unit shutdown (U5): VMs first, then both PMs; the running VMs start
+/// again at unit start. Progress: `GET /api/v1/unit` (`power`).
+#[utoipa::path(post, path = "/api/v1/unit/shutdown",
+    responses((status = 202, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn unit_shutdown(
+    State(st): State<AppState>,
+) -> ApiResult<(axum::http::StatusCode, axum::Json<serde_json::Value>)> {
+    service(&st)?;
+    let r = pairvisor_orchestrator::maintenance::unit_shutdown(&st.agent)
+        .await
+        .map_err(maint_err)?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        axum::Json(serde_json::to_value(&r).unwrap_or_default()),
+    ))
+}
+
+/// A VM's preferred PM (L2).
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementRequest {
+    /// The preferred PM, or null for none (automatic when load balancing is
+    /// on).
+    pub preferred_pm: Option<String>,
+}
+
+/// Set a VM's preferred PM (L2); it moves there when that PM is running and
+/// the VM is in sync (L3).
+#[utoipa::path(put, path = "/api/v1/vms/{name}/placement", params(("name" = String, Path)),
+    request_body = PlacementRequest,
+    responses((status = 200, body = pairvisor_agent::VmView), (status = 400, body = ErrorBody)))]
+pub async fn set_placement(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Json(req): Json<PlacementRequest>,
+) -> ApiResult<axum::Json<pairvisor_agent::VmView>> {
+    Ok(axum::Json(
+        st.agent.set_preferred_pm(&name, req.preferred_pm)?,
+    ))
 }

@@ -149,6 +149,10 @@ pub enum LabCmd {
         /// Second octet of the lab's 10.x network (100-199).
         #[arg(long, default_value_t = 199)]
         net: u8,
+        /// Two PMs only: losing one leaves the other without a majority
+        /// (then `unit force-quorum`).
+        #[arg(long)]
+        no_witness: bool,
     },
     /// Show the unit as each member sees it.
     Status,
@@ -175,6 +179,23 @@ pub enum LabCmd {
     },
     /// Stop everything and remove the lab.
     Down,
+    /// Benchmark in a lab of its own (temporary directory): live-migration
+    /// downtime of an idle and a busy guest, failover time, acknowledged
+    /// writes kept; prints JSON.
+    Bench {
+        /// Test guest directory (vmlinuz, initrd.img).
+        #[arg(long, default_value = "target/guest")]
+        guest_dir: PathBuf,
+        /// Runs; each migrates an idle and a busy guest once.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Namespace prefix of the bench's lab (1-6 lowercase letters/digits).
+        #[arg(long, default_value = "pvbn")]
+        prefix: String,
+        /// Second octet of the bench lab's 10.x network (100-199).
+        #[arg(long, default_value_t = 198)]
+        net: u8,
+    },
 }
 
 /// `pairvisor unit ...`
@@ -182,6 +203,20 @@ pub enum LabCmd {
 pub enum UnitCmd {
     /// Show the unit: members, leader, PMs, heartbeat links.
     Show,
+    /// Force quorum on this PM when its partner is gone and there is no
+    /// witness (U6). Without --yes, shows which PM holds the newest data.
+    ForceQuorum {
+        /// Confirm, after checking the preview.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Unit shutdown (U5): VMs first, then both PMs; the running VMs start
+    /// again when the PMs come back.
+    Shutdown {
+        /// Confirm.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Found a unit on this PM.
     Init {
         /// Unit name.
@@ -249,6 +284,13 @@ pub enum VmCmd {
         /// Return once started instead of following the progress.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Set (or clear with `none`) the VM's preferred PM (L2).
+    Placement {
+        /// VM name.
+        name: String,
+        /// Preferred PM, or `none`.
+        preferred: String,
     },
     /// Show the current (or last) migration of a VM.
     Migration {
@@ -530,6 +572,31 @@ pub enum AuditCmd {
 pub enum PmCmd {
     /// Show this PM's resources and warnings.
     Show,
+    /// Both PMs of the unit with their states and allowed operations (U2).
+    List,
+    /// Work On (U3): move the PM's VMs to the partner, then maintenance.
+    WorkOn {
+        /// PM name.
+        name: String,
+        /// Confirm shutting the VMs down when the partner cannot take them.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Finalize (U3): a PM in maintenance returns to service.
+    Finalize {
+        /// PM name.
+        name: String,
+    },
+    /// Shut down a PM in maintenance (refused while a resync from it runs).
+    Shutdown {
+        /// PM name.
+        name: String,
+    },
+    /// Power off a PM in maintenance, hard (when shutdown failed).
+    Poweroff {
+        /// PM name.
+        name: String,
+    },
 }
 
 /// Parses sizes like `512M`, `8G`, `1T`, `4096` (bytes), `10GiB`.
@@ -793,6 +860,22 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
         }
         Command::Unit(cmd) => match cmd {
             UnitCmd::Show => out("", c.call(M::GET, "/unit", None).await?),
+            UnitCmd::Shutdown { yes } => {
+                if !yes {
+                    return Err(CliError::Usage(
+                        "unit shutdown stops every VM and both PMs; repeat with --yes".into(),
+                    ));
+                }
+                out("", c.call(M::POST, "/unit/shutdown", None).await?)
+            }
+            UnitCmd::ForceQuorum { yes } => {
+                if yes {
+                    out("", c.call(M::POST, "/unit/force-quorum", Some(json!({"confirm": true}))).await?)
+                } else {
+                    out("", c.call(M::GET, "/unit/force-quorum", None).await?);
+                    eprintln!("nothing changed: repeat with --yes to force quorum on this PM");
+                }
+            }
             UnitCmd::Init { name } => out("", c.call(M::POST, "/unit/init", Some(json!({"name": name}))).await?),
             UnitCmd::Token { witness } => {
                 let v = c.call(M::POST, "/unit/join-token", Some(json!({"witness": witness}))).await?;
@@ -909,6 +992,14 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }
                 }
+            }
+            VmCmd::Placement { name, preferred } => {
+                let pm = (preferred != "none").then_some(preferred);
+                out(
+                    "",
+                    c.call(M::PUT, &format!("/vms/{name}/placement"), Some(json!({"preferred_pm": pm})))
+                        .await?,
+                )
             }
             VmCmd::Migration { name } => out("", c.call(M::GET, &format!("/vms/{name}/migration"), None).await?),
             VmCmd::MigrateRemedy { name, remedy, downtime_ms } => out(
@@ -1037,6 +1128,21 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
             out("audit", c.call(M::GET, &format!("/audit?limit={limit}"), None).await?)
         }
         Command::Pm(PmCmd::Show) => out("", c.call(M::GET, "/pm", None).await?),
+        Command::Pm(PmCmd::List) => out("", c.call(M::GET, "/pms", None).await?),
+        Command::Pm(PmCmd::WorkOn { name, yes }) => out(
+            "",
+            c.call(M::POST, &format!("/pms/{name}/work-on"), Some(json!({"confirm": yes})))
+                .await?,
+        ),
+        Command::Pm(PmCmd::Finalize { name }) => {
+            out("", c.call(M::POST, &format!("/pms/{name}/finalize"), None).await?)
+        }
+        Command::Pm(PmCmd::Shutdown { name }) => {
+            out("", c.call(M::POST, &format!("/pms/{name}/shutdown"), None).await?)
+        }
+        Command::Pm(PmCmd::Poweroff { name }) => {
+            out("", c.call(M::POST, &format!("/pms/{name}/poweroff"), None).await?)
+        }
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //!   docs/fencing.md).
 
 pub mod failover;
+pub mod maintenance;
 pub mod unitstore;
 
 use pairvisor_agent::{Agent, PartnerLink, UnitLink};
@@ -87,11 +88,13 @@ pub struct Orchestrator {
     /// This PM's lease.
     pub lease: Arc<LeaseKeeper>,
     failover: tokio::task::AbortHandle,
+    maintenance: tokio::task::AbortHandle,
 }
 
 impl Drop for Orchestrator {
     fn drop(&mut self) {
         self.failover.abort();
+        self.maintenance.abort();
     }
 }
 
@@ -153,8 +156,13 @@ pub async fn join_agent(
     agent.set_unit(link).await;
     let failover =
         tokio::spawn(failover::run(agent.clone(), svc.clone(), db, lease.clone())).abort_handle();
+    let maintenance = tokio::spawn(maintenance::run(agent.clone(), svc.clone())).abort_handle();
     info!(pm = %pm.name, "agent joined to the unit");
-    Ok(Arc::new(Orchestrator { lease, failover }))
+    Ok(Arc::new(Orchestrator {
+        lease,
+        failover,
+        maintenance,
+    }))
 }
 
 #[cfg(test)]

@@ -203,6 +203,8 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+        // PM shutdown / unit shutdown (maintenance).
+        _ = pairvisor_orchestrator::maintenance::exit_requested().notified() => {}
     }
 }
 

@@ -744,6 +744,15 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/unit/init", "administrator"),
     ("POST", "/unit/join-token", "administrator"),
     ("POST", "/unit/join", "administrator"),
+    ("GET", "/unit/force-quorum", "administrator"),
+    ("POST", "/unit/shutdown", "administrator"),
+    ("GET", "/pms", "read_only"),
+    ("POST", "/pms/{name}/work-on", "administrator"),
+    ("POST", "/pms/{name}/finalize", "administrator"),
+    ("POST", "/pms/{name}/shutdown", "administrator"),
+    ("POST", "/pms/{name}/poweroff", "administrator"),
+    ("PUT", "/vms/{name}/placement", "administrator"),
+    ("POST", "/unit/force-quorum", "administrator"),
 ];
 
 fn rank(role: &str) -> u8 {

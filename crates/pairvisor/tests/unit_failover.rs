@@ -204,27 +204,24 @@ impl Drop for Lab {
 }
 
 fn up(dir: &Path, net_base: u32) {
-    let pid = std::process::id();
-    let prefix = format!("pvf{}", pid % 1000);
-    let net = (net_base + pid % 20).to_string();
+    up_opts(dir, net_base, &[]);
+}
+
+fn up_opts(dir: &Path, net_base: u32, extra: &[&str]) {
+    // Each test its own network (140-149, between the netns test's and the
+    // lab test's ranges) and namespace prefix.
+    let net = (net_base + std::process::id() % 2).to_string();
+    let prefix = format!("pvf{net}");
     let g = guest_dir();
     assert!(
         g.join("vmlinuz").is_file(),
         "the test guest is missing in {}: run guest/build.sh",
         g.display()
     );
-    let text = lab(
-        dir,
-        &[
-            "up",
-            "--prefix",
-            &prefix,
-            "--net",
-            &net,
-            "--guest-dir",
-            &g.display().to_string(),
-        ],
-    );
+    let g = g.display().to_string();
+    let mut args = vec!["up", "--prefix", &prefix, "--net", &net, "--guest-dir", &g];
+    args.extend_from_slice(extra);
+    let text = lab(dir, &args);
     assert!(text.contains("own namespaces"), "{text}");
 }
 
@@ -245,7 +242,7 @@ fn demo_running_redundant(pm: &mut Pm) -> String {
 fn killed_pm_fails_over_without_losing_acknowledged_writes() {
     let dir = Lab(tempfile::tempdir().unwrap());
     let dir = &dir.0;
-    up(dir.path(), 110);
+    up(dir.path(), 140);
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
     let id = demo_running_redundant(&mut a);
@@ -306,7 +303,7 @@ fn killed_pm_fails_over_without_losing_acknowledged_writes() {
 fn isolated_pm_stops_its_vm_before_the_partner_starts_it() {
     let dir = Lab(tempfile::tempdir().unwrap());
     let dir = &dir.0;
-    up(dir.path(), 130);
+    up(dir.path(), 142);
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
     let id = demo_running_redundant(&mut a);
@@ -369,7 +366,7 @@ fn migration_done(pm: &mut Pm, vm: &str, secs: u64) -> Value {
 fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     let dir = Lab(tempfile::tempdir().unwrap());
     let dir = &dir.0;
-    up(dir.path(), 150);
+    up(dir.path(), 144);
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
     let id = demo_running_redundant(&mut a);
@@ -457,6 +454,161 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     until("demo back on pm-a", 30, || {
         a.vm("demo")
             .filter(|v| v["host"] == "pm-a" && v["pid"].is_number())
+    });
+    lab(dir.path(), &["down"]);
+}
+
+#[test]
+fn without_witness_no_takeover_until_quorum_is_forced() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up_opts(dir.path(), 146, &["--no-witness"]);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    a.type_line(&id, "pv write 21 64");
+    wait_console(&a, &id, "pv-guest: write done 21 64", 60);
+
+    lab(dir.path(), &["kill", "pm-a"]);
+    // pm-b alone is no majority: it never starts pm-a's VM by itself.
+    let until_t = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until_t {
+        if let Some(v) = b.vm("demo") {
+            assert_eq!(v["host"], "pm-a", "{v}");
+            assert!(v["pid"].is_null(), "{v}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!b.qemu_alive(&id));
+    // The preview says who holds what; forcing without confirmation is
+    // refused and changes nothing.
+    let p = b.get("/unit/force-quorum").unwrap();
+    assert_eq!(p["has_quorum"], false, "{p:#}");
+    let r = &p["replicas"][0];
+    assert_eq!(r["volume"], "demo-boot", "{p:#}");
+    assert!(
+        r["verdict"].as_str().unwrap().contains("complete here"),
+        "{p:#}"
+    );
+    let (s, v) = b
+        .call("POST", "/unit/force-quorum", Some(json!({})))
+        .unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(v["code"], "confirmation_required", "{v}");
+    assert!(v["details"]["replicas"].is_array(), "{v}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(b.vm("demo").unwrap()["pid"].is_null());
+
+    let (s, v) = b
+        .call("POST", "/unit/force-quorum", Some(json!({"confirm": true})))
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    until("demo running on pm-b after force quorum", 120, || {
+        b.vm("demo")
+            .filter(|v| v["host"] == "pm-b" && v["pid"].is_number() && v["state"] == "running")
+    });
+    b.type_line(&id, "pv verify 21 64");
+    wait_console(&b, &id, "pv-guest: verify ok 21 64", 60);
+    lab(dir.path(), &["down"]);
+}
+
+fn pm_state(pm: &mut Pm, name: &str) -> Option<String> {
+    pm.get("/pms")?
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["state"].as_str().map(str::to_string))
+}
+
+fn alive(dir: &Path, member: &str) -> bool {
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("lab.json")).unwrap()).unwrap();
+    let pid = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == member)
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap();
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[test]
+fn work_on_finalize_move_back_and_unit_shutdown_start() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 148);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/vms/demo/placement",
+            Some(json!({"preferred_pm": "pm-a"})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/vms/demo/placement",
+            Some(json!({"preferred_pm": "pm-z"})),
+        )
+        .unwrap();
+    assert_eq!(s, 400, "{v}");
+
+    // Work On pm-a, asked on pm-b (forwarded): the VM moves to pm-b.
+    let (s, v) = b
+        .call("POST", "/pms/pm-a/work-on", Some(json!({})))
+        .unwrap();
+    assert_eq!(s, 202, "{v}");
+    until("pm-a in maintenance", 120, || {
+        (pm_state(&mut b, "pm-a")? == "running (in maintenance)").then_some(())
+    });
+    let vm = b.vm("demo").unwrap();
+    assert_eq!(vm["host"], "pm-b", "{vm}");
+    assert!(vm["pid"].is_number(), "{vm}");
+    assert!(!a.qemu_alive(&id));
+    // In maintenance, pm-a may be shut down; then it comes back (power on)
+    // still in maintenance.
+    until("demo-boot in sync", 60, || {
+        volume_in_sync(&mut b, "demo-boot").then_some(())
+    });
+    let (s, v) = a.call("POST", "/pms/pm-a/shutdown", None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    until("pm-a daemon stopped", 30, || {
+        (!alive(dir.path(), "pm-a")).then_some(())
+    });
+    lab(dir.path(), &["start", "pm-a"]);
+    until("pm-a back in maintenance", 60, || {
+        (pm_state(&mut a, "pm-a")? == "running (in maintenance)").then_some(())
+    });
+    // Finalize: back in service, and the VM returns to its preferred PM
+    // once its volume is in sync again (L3).
+    let (s, v) = a.call("POST", "/pms/pm-a/finalize", None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    until("demo back on pm-a", 180, || {
+        a.vm("demo")
+            .filter(|v| v["host"] == "pm-a" && v["pid"].is_number() && v["state"] == "running")
+    });
+
+    // Unit shutdown: the VM stops, then both PMs; unit start brings it back.
+    let (s, v) = a.call("POST", "/unit/shutdown", None).unwrap();
+    assert_eq!(s, 202, "{v}");
+    until("both PMs stopped", 180, || {
+        (!alive(dir.path(), "pm-a") && !alive(dir.path(), "pm-b")).then_some(())
+    });
+    assert!(!a.qemu_alive(&id), "the VM was shut down");
+    lab(dir.path(), &["start", "pm-a"]);
+    lab(dir.path(), &["start", "pm-b"]);
+    until("demo running again after unit start", 180, || {
+        let v = a.vm("demo")?;
+        let host = v["host"].as_str()?.to_string();
+        let pm = if host == "pm-a" { &mut a } else { &mut b };
+        pm.vm("demo")
+            .filter(|v| v["pid"].is_number() && v["state"] == "running")
     });
     lab(dir.path(), &["down"]);
 }

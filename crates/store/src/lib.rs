@@ -129,6 +129,8 @@ pub const REPLICATED_TABLES: &[&str] = &[
     TokenRecord::TABLE,
     AlertRecord::TABLE,
     MigrationRecord::TABLE,
+    PmStateRecord::TABLE,
+    UnitStateRecord::TABLE,
     META,
 ];
 
@@ -459,6 +461,16 @@ impl Store {
             }
             return Err(StoreError::Conflict(MAX_ATTEMPTS).into());
         }
+        self.write_local(f)
+    }
+
+    /// Like [`Store::write`], but always in this PM's own database, even in
+    /// a unit (for what must work without a quorum: a login token when the
+    /// unit database cannot commit).
+    pub fn write_local<R, E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(&mut Tx<'_>) -> Result<R, E>,
+    ) -> Result<R, E> {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
         let mut tx = Tx {
             inner: TxInner::Local(&txn),
@@ -483,6 +495,13 @@ impl Store {
                 .map(|v| decode_value(T::TABLE, key, v.value))
                 .transpose();
         }
+        let txn = self.db.begin_read()?;
+        get_in(&txn.open_table(table(T::TABLE))?, key)
+    }
+
+    /// Reads one record from this PM's own database (see
+    /// [`Store::write_local`]).
+    pub fn get_local<T: Record>(&self, key: &str) -> Result<Option<T>, StoreError> {
         let txn = self.db.begin_read()?;
         get_in(&txn.open_table(table(T::TABLE))?, key)
     }

@@ -106,6 +106,10 @@ pub struct VmRecord {
     /// on a PM that is not in a unit.
     #[serde(default)]
     pub host: Option<String>,
+    /// Preferred PM (SPEC L2 manual mode); the VM moves back to it when it
+    /// is running and the VM's volumes are in sync (L3).
+    #[serde(default)]
+    pub preferred_pm: Option<String>,
 }
 
 impl Record for VmRecord {
@@ -318,6 +322,9 @@ pub struct Settings {
     pub migration_bandwidth_mbps: u64,
     /// Live migration: whether post-copy may be used as a remedy (M3).
     pub migration_post_copy_allowed: bool,
+    /// HA load balancing (L1, off by default): VMs without a preferred PM
+    /// are spread over the PMs by memory.
+    pub load_balancing: bool,
 }
 
 impl Default for Settings {
@@ -336,6 +343,7 @@ impl Default for Settings {
             migration_max_downtime_ms: 300,
             migration_bandwidth_mbps: 0,
             migration_post_copy_allowed: true,
+            load_balancing: false,
         }
     }
 }
@@ -429,5 +437,62 @@ impl MigrationRecord {
             .resumed_at_ms?
             .saturating_sub(self.completed_at_ms.unwrap_or(self.resumed_at_ms?));
         Some(self.qemu_downtime_ms? + tail)
+    }
+}
+
+/// A PM's maintenance state in the unit (SPEC U2–U4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PmStateRecord {
+    /// PM name.
+    pub name: String,
+    /// State.
+    pub state: pairvisor_model::pm::PmState,
+    /// What a long operation (Work On) is doing, for the console.
+    #[serde(default)]
+    pub progress: Option<String>,
+    /// Failures of this PM (U4).
+    #[serde(default)]
+    pub failures: MtbfCounter,
+    /// Last change, seconds since the epoch.
+    pub updated_at: u64,
+}
+
+impl Record for PmStateRecord {
+    const TABLE: &'static str = "pm_states";
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// Unit-wide power state (SPEC U5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnitPower {
+    /// Normal operation.
+    #[default]
+    Running,
+    /// Unit shutdown: VMs are being stopped, then the PMs.
+    ShuttingDown,
+    /// Shut down; the VMs listed start again when a PM comes back.
+    Off,
+}
+
+/// The unit's power state and what to restart (SPEC U5).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct UnitStateRecord {
+    /// Power state.
+    pub power: UnitPower,
+    /// VMs that were running at shutdown (started again at unit start).
+    #[serde(default)]
+    pub restart_vms: Vec<String>,
+    /// Progress of the shutdown/start, for the console.
+    #[serde(default)]
+    pub progress: Option<String>,
+}
+
+impl Record for UnitStateRecord {
+    const TABLE: &'static str = "unit_state";
+    fn key(&self) -> &str {
+        "unit"
     }
 }
