@@ -312,6 +312,12 @@ async fn call(
 
 /// `lab up`: namespaces (as root), two PMs, the unit, the witness, a demo VM.
 pub async fn up(opts: UpOptions) -> Result<LabState, LabError> {
+    up_with(opts, true).await
+}
+
+/// `lab up`, with or without the witness (without it, losing one PM leaves
+/// the other without a majority: SPEC U6's force quorum case).
+pub async fn up_with(opts: UpOptions, witness: bool) -> Result<LabState, LabError> {
     if let Ok(st) = load(&opts.dir) {
         if st.members.iter().any(|m| alive(m.pid)) {
             return Err(LabError::AlreadyUp(opts.dir.display().to_string()));
@@ -359,21 +365,24 @@ pub async fn up(opts: UpOptions) -> Result<LabState, LabError> {
             Some(json!({"token": t["token"]})),
         )
         .await?;
-        let tw = call(
-            &a,
-            pairvisor_cli::Method::POST,
-            "/unit/join-token",
-            Some(json!({"witness": true})),
-        )
-        .await?;
-        let tok = tw["token"].as_str().unwrap_or_default().to_string();
-        members.push(spawn(
-            &opts,
-            topo.as_ref(),
-            &plans[2],
-            &["--join".into(), tok],
-            "witness of unit",
-        )?);
+        if witness {
+            let tw = call(
+                &a,
+                pairvisor_cli::Method::POST,
+                "/unit/join-token",
+                Some(json!({"witness": true})),
+            )
+            .await?;
+            let tok = tw["token"].as_str().unwrap_or_default().to_string();
+            members.push(spawn(
+                &opts,
+                topo.as_ref(),
+                &plans[2],
+                &["--join".into(), tok],
+                "witness of unit",
+            )?);
+        }
+        let want_voters = if witness { 3 } else { 2 };
         // Wait for three voters, a leader, and the heartbeats.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -385,7 +394,7 @@ pub async fn up(opts: UpOptions) -> Result<LabState, LabError> {
             let links_up = v["health"]["links"]
                 .as_array()
                 .is_some_and(|l| l.len() == 2 && l.iter().all(|x| x["up"] == true));
-            if voters == 3 && !v["metrics"]["leader"].is_null() && links_up {
+            if voters == want_voters && !v["metrics"]["leader"].is_null() && links_up {
                 break;
             }
             if Instant::now() > deadline {

@@ -19,8 +19,10 @@
 //! (100..=199) keeps their address ranges apart; the addresses exist only
 //! inside namespaces the lab made.
 
+pub mod bench;
 pub mod lab;
 pub mod netns;
 
+pub use bench::BenchOptions;
 pub use lab::{LabError, LabState, UpOptions};
 pub use netns::{Link, NetError, Topology};

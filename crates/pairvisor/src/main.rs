@@ -52,16 +52,20 @@ async fn lab(
             guest_dir,
             prefix,
             net,
+            no_witness,
         } => {
             let bin =
                 std::env::current_exe().map_err(|e| pairvisor_lab::LabError::Io(e.to_string()))?;
-            let st = pairvisor_lab::lab::up(pairvisor_lab::UpOptions {
-                dir: dir.clone(),
-                bin,
-                prefix,
-                net,
-                guest_dir,
-            })
+            let st = pairvisor_lab::lab::up_with(
+                pairvisor_lab::UpOptions {
+                    dir: dir.clone(),
+                    bin,
+                    prefix,
+                    net,
+                    guest_dir,
+                },
+                !no_witness,
+            )
             .await?;
             println!("lab up in {}", dir.display());
             for m in &st.members {
@@ -92,6 +96,24 @@ async fn lab(
         LabCmd::Cut { link } => pairvisor_lab::lab::cut(&dir, &link, false)?,
         LabCmd::Heal { link } => pairvisor_lab::lab::cut(&dir, &link, true)?,
         LabCmd::Down => pairvisor_lab::lab::down(&dir)?,
+        LabCmd::Bench {
+            guest_dir,
+            runs,
+            prefix,
+            net,
+        } => {
+            let bin =
+                std::env::current_exe().map_err(|e| pairvisor_lab::LabError::Io(e.to_string()))?;
+            let v = pairvisor_lab::bench::bench(pairvisor_lab::BenchOptions {
+                bin,
+                guest_dir,
+                runs,
+                prefix,
+                net,
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        }
     }
     Ok(())
 }
