@@ -108,6 +108,8 @@ struct Inner {
     mirror_ops: Mutex<()>,
     /// Live migrations (unit mode).
     migrations: migrate::Migrations,
+    /// Last redundancy verdict per VM (unit mode), to alert on changes.
+    redundancy: StdMutex<HashMap<String, Option<String>>>,
 }
 
 /// The agent of one PM. Cheap to clone.
@@ -168,6 +170,7 @@ impl Agent {
                 mirrors: Default::default(),
                 mirror_ops: Mutex::new(()),
                 migrations: Default::default(),
+                redundancy: Default::default(),
             }),
         };
         agent.ensure_default_group()?;
@@ -273,6 +276,11 @@ impl Agent {
             name: v.name.clone(),
             host: v.host.clone(),
             preferred_pm: v.preferred_pm.clone(),
+            redundancy_alert: if v.state.has_process() {
+                self.redundancy_gap(v)
+            } else {
+                None
+            },
             id: v.id.clone(),
             state: v.state.to_string(),
             activity: v.state.activity().to_string(),

@@ -184,6 +184,10 @@ pub struct VmView {
     /// In a unit: its preferred PM (L2), if set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub preferred_pm: Option<String>,
+    /// In a unit, for a VM with a process: why it is not fully redundant
+    /// (the VM `alert` of SPEC V4); absent when every volume is in sync.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redundancy_alert: Option<String>,
     /// Hardware id.
     pub id: String,
     /// State (SPEC V4).

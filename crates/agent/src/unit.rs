@@ -130,6 +130,7 @@ impl Agent {
                 let agent = Agent { inner };
                 agent.reconcile_mirrors().await;
                 agent.serve_incoming_migrations().await;
+                agent.check_redundancy_alerts();
                 let healthy = agent
                     .unit()
                     .and_then(|u| u.lease_remaining())
@@ -491,6 +492,7 @@ impl Agent {
             Ok::<_, AgentError>(t)
         })?;
         if !t.vms.is_empty() || !t.volumes.is_empty() {
+            self.record_pm_failure(partner);
             self.raise_alert(
                 "pm-failed",
                 &format!("pm/{partner}"),
@@ -506,6 +508,71 @@ impl Agent {
             );
         }
         Ok(t)
+    }
+
+    /// U4: counts a failure of `pm`; 3 within an hour take it out of
+    /// service until Reset Device.
+    fn record_pm_failure(&self, pm: &str) {
+        let threshold = pairvisor_model::mtbf::MtbfThreshold::PM_DEFAULT;
+        let r = self.store().write(|tx| {
+            let mut r = tx.get::<pairvisor_store::PmStateRecord>(pm)?.unwrap_or(
+                pairvisor_store::PmStateRecord {
+                    name: pm.to_string(),
+                    state: pairvisor_model::pm::PmState::Running,
+                    progress: None,
+                    failures: Default::default(),
+                    updated_at: 0,
+                },
+            );
+            let critical = r.failures.record(crate::now(), threshold);
+            if critical {
+                r.state = pairvisor_model::pm::PmState::PoweredOffTooManyFailures;
+            }
+            r.updated_at = crate::now();
+            tx.put(&r)?;
+            Ok::<_, AgentError>(critical)
+        });
+        if let Ok(true) = r {
+            self.raise_alert(
+                "pm-mtbf",
+                &format!("pm/{pm}"),
+                crate::Severity::Critical,
+                format!(
+                    "PM {pm} failed {} or more times within {} s: it is out of service",
+                    threshold.max_failures, threshold.window_secs
+                ),
+                "Repair the PM, then Reset Device on it to put it back in service",
+            );
+        }
+    }
+
+    /// U4 Reset Device: clears a PM's failure counter and puts it back in
+    /// service.
+    pub fn reset_pm(&self, pm: &str) -> Result<()> {
+        let state = self.pm_state(pm);
+        pairvisor_model::pm::check_pm_operation(
+            pm,
+            pairvisor_model::pm::PmOperation::ResetDevice,
+            pairvisor_model::pm::PmContext {
+                state,
+                partner: None,
+                running_vms: 0,
+                resync_from_here: None,
+                confirmed: true,
+            },
+        )
+        .map_err(|e| AgentError::Conflict(e.to_string()))?;
+        self.store().write(|tx| {
+            if let Some(mut r) = tx.get::<pairvisor_store::PmStateRecord>(pm)? {
+                r.failures = Default::default();
+                r.state = pairvisor_model::pm::PmState::Running;
+                r.updated_at = crate::now();
+                tx.put(&r)?;
+            }
+            Ok::<_, AgentError>(())
+        })?;
+        self.clear_alert("pm-mtbf", &format!("pm/{pm}"));
+        Ok(())
     }
 
     /// How many VMs and primary volumes `pm` holds.
@@ -732,6 +799,73 @@ impl Agent {
             .lock()
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Why `vm` is not fully redundant (None when it is, or outside a
+    /// unit): a volume not mirrored, not in sync, or the partner absent.
+    pub(crate) fn redundancy_gap(&self, vm: &VmRecord) -> Option<String> {
+        let u = self.unit()?;
+        let mut gaps = Vec::new();
+        for v in vm.volumes() {
+            let rec = self.store().get::<VolumeRecord>(v).ok().flatten();
+            if rec.as_ref().is_some_and(|r| r.mirror.is_none()) {
+                gaps.push(format!("volume {v} is not mirrored"));
+                continue;
+            }
+            match self.local_mirror(v).map(|m| m.vol.status()) {
+                None => gaps.push(format!("volume {v}: no replica open on this PM")),
+                Some(st) => match &st.link {
+                    LinkState::InSync => {}
+                    LinkState::Replicating { .. } if st.consistent => {}
+                    _ => gaps.push(format!("volume {v} is {}", sync_word(&st))),
+                },
+            }
+        }
+        if u.partner().is_none() {
+            gaps.push("the unit has no second PM".into());
+        }
+        (!gaps.is_empty()).then(|| {
+            format!(
+                "not fully redundant: {}; a failure of this PM now would stop the VM",
+                gaps.join("; ")
+            )
+        })
+    }
+
+    /// Raises or clears the "not redundant" alert of this PM's running VMs
+    /// (only on a change, so that the unit database is not rewritten every
+    /// tick).
+    pub(crate) fn check_redundancy_alerts(&self) {
+        let Ok(vms) = self.store().list::<VmRecord>() else {
+            return;
+        };
+        for vm in vms
+            .iter()
+            .filter(|v| self.is_mine(v) && v.state.has_process())
+        {
+            let gap = self.redundancy_gap(vm);
+            let subject = format!("vm/{}", vm.name);
+            let mut seen = self
+                .inner
+                .redundancy
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if seen.get(&vm.name) == Some(&gap) {
+                continue;
+            }
+            seen.insert(vm.name.clone(), gap.clone());
+            drop(seen);
+            match gap {
+                Some(why) => self.raise_alert(
+                    "not-redundant",
+                    &subject,
+                    crate::Severity::Warning,
+                    format!("VM {} is {why}", vm.name),
+                    "Wait for the resync to finish, or bring the partner PM back",
+                ),
+                None => self.clear_alert("not-redundant", &subject),
+            }
+        }
     }
 
     /// Whether every volume of `vm` is in sync with the partner (the VM is

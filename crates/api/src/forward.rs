@@ -32,8 +32,10 @@ fn vm_of(method: &Method, path: &str) -> Option<String> {
 /// The PM a `/pms/{name}/...` operation is about.
 fn pm_of(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/api/v1/pms/")?;
-    let (name, _) = rest.split_once('/')?;
-    (!name.is_empty()).then(|| name.to_string())
+    let (name, op) = rest.split_once('/')?;
+    // Reset Device changes only the unit database: any PM may do it (the
+    // PM concerned may well be down).
+    (!name.is_empty() && op != "reset-device").then(|| name.to_string())
 }
 
 /// Forwards `req` to the PM hosting its VM when that is the partner;
@@ -162,5 +164,8 @@ mod tests {
         );
         assert_eq!(vm_of(&Method::GET, "/api/v1/vms"), None);
         assert_eq!(vm_of(&Method::GET, "/api/v1/volumes/x"), None);
+        assert_eq!(pm_of("/api/v1/pms/pm-b/work-on"), Some("pm-b".into()));
+        assert_eq!(pm_of("/api/v1/pms/pm-b/reset-device"), None);
+        assert_eq!(pm_of("/api/v1/pms"), None);
     }
 }

@@ -401,3 +401,18 @@ pub async fn set_placement(
         st.agent.set_preferred_pm(&name, req.preferred_pm)?,
     ))
 }
+
+/// Reset Device (U4): a PM taken out of service after too many failures
+/// returns to service (its failure counter is cleared). Works from either PM.
+#[utoipa::path(post, path = "/api/v1/pms/{name}/reset-device", params(("name" = String, Path)),
+    responses((status = 200, body = Object), (status = 409, body = ErrorBody)))]
+pub async fn pm_reset_device(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    service(&st)?;
+    st.agent.reset_pm(&name)?;
+    Ok(axum::Json(
+        serde_json::json!({"pm": name, "state": "running"}),
+    ))
+}

@@ -597,6 +597,11 @@ pub enum PmCmd {
         /// PM name.
         name: String,
     },
+    /// Put a PM taken out of service after too many failures back (U4).
+    ResetDevice {
+        /// PM name.
+        name: String,
+    },
 }
 
 /// Parses sizes like `512M`, `8G`, `1T`, `4096` (bytes), `10GiB`.
@@ -1139,6 +1144,9 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
         }
         Command::Pm(PmCmd::Shutdown { name }) => {
             out("", c.call(M::POST, &format!("/pms/{name}/shutdown"), None).await?)
+        }
+        Command::Pm(PmCmd::ResetDevice { name }) => {
+            out("", c.call(M::POST, &format!("/pms/{name}/reset-device"), None).await?)
         }
         Command::Pm(PmCmd::Poweroff { name }) => {
             out("", c.call(M::POST, &format!("/pms/{name}/poweroff"), None).await?)

@@ -104,7 +104,12 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
         // The partner is fenced.
         let (_, seen) = *fence_seen.get_or_insert((partner.node_id, Instant::now()));
         let (vms, vols) = agent.hosted_by(&partner.addrs.name).unwrap_or((0, 0));
-        if vms + vols > 0 {
+        // A unit shutdown, or a partner shut down in maintenance, is not a
+        // failure: nothing to take over.
+        let planned = agent.unit_power().power != pairvisor_store::UnitPower::Running
+            || agent.pm_state(&partner.addrs.name)
+                == pairvisor_model::pm::PmState::OffInMaintenance;
+        if vms + vols > 0 && !planned {
             let wait = Duration::from_millis(timing.lease_ms + timing.drift_margin_ms);
             if now < seen + wait || !lease.holds() {
                 continue;

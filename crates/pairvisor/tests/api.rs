@@ -751,6 +751,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/pms/{name}/finalize", "administrator"),
     ("POST", "/pms/{name}/shutdown", "administrator"),
     ("POST", "/pms/{name}/poweroff", "administrator"),
+    ("POST", "/pms/{name}/reset-device", "administrator"),
     ("PUT", "/vms/{name}/placement", "administrator"),
     ("POST", "/unit/force-quorum", "administrator"),
 ];
