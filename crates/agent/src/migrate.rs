@@ -76,6 +76,8 @@ pub struct RemedyRequest {
 pub struct MigrationView {
     /// The VM.
     pub vm: String,
+    /// This migration's id.
+    pub id: String,
     /// Source PM.
     pub source: String,
     /// Destination PM.
@@ -177,6 +179,14 @@ impl Agent {
     /// The current (or last) migration of `vm`.
     pub fn migration(&self, vm: &str) -> Result<MigrationView> {
         self.load_vm(vm)?;
+        let m = self
+            .migration_record(vm)?
+            .ok_or_else(|| AgentError::NotFound {
+                kind: "migration of VM",
+                name: vm.to_string(),
+            })?;
+        // The live view, when this PM drives the current migration (a view
+        // of an older one is ignored).
         if let Some(v) = self
             .inner
             .migrations
@@ -184,17 +194,18 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(vm)
+            .filter(|v| v.id == m.id)
         {
-            return Ok(v.clone());
+            let mut v = v.clone();
+            if v.phase != "done" && m.phase == MigrationPhase::Failed {
+                v.phase = "failed".into();
+                v.error = m.error.clone();
+            }
+            return Ok(v);
         }
-        let m = self
-            .migration_record(vm)?
-            .ok_or_else(|| AgentError::NotFound {
-                kind: "migration of VM",
-                name: vm.to_string(),
-            })?;
         Ok(MigrationView {
             vm: m.vm.clone(),
+            id: m.id.clone(),
             source: m.source.clone(),
             dest: m.dest.clone(),
             phase: phase_word(m.phase),
@@ -334,6 +345,7 @@ impl Agent {
         self.put_migration(&mrec)?;
         let view = MigrationView {
             vm: name.to_string(),
+            id: mrec.id.clone(),
             source: mrec.source.clone(),
             dest: mrec.dest.clone(),
             phase: "prepare".into(),

@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{OriginalUri, Request};
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use pairvisor_store::VmRecord;
+use pairvisor_store::{MigrationRecord, VmRecord};
 
 /// Marks a forwarded request, so that it is never forwarded twice.
 const FORWARDED: &str = "x-pairvisor-forwarded";
@@ -62,9 +62,18 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
         let Some(vm) = vm_of(req.method(), path.path()) else {
             return (req, None);
         };
-        let host = match st.agent.store().get::<VmRecord>(&vm) {
-            Ok(Some(r)) => r.host,
-            _ => None,
+        let host = if path.path().ends_with("/migration") {
+            // A migration is followed (and cancelled) on the PM that drives
+            // it: its source, which holds the live figures.
+            match st.agent.store().get::<MigrationRecord>(&vm) {
+                Ok(Some(m)) => Some(m.source),
+                _ => None,
+            }
+        } else {
+            match st.agent.store().get::<VmRecord>(&vm) {
+                Ok(Some(r)) => r.host,
+                _ => None,
+            }
         };
         (format!("VM '{vm}'"), host)
     };

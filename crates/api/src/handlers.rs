@@ -637,6 +637,14 @@ pub struct SettingsPatch {
     /// Restart a running guest whose instance check has failed this many
     /// seconds (0: never; 10..=86400 otherwise).
     pub unresponsive_restart_secs: Option<u64>,
+    /// Live migration: maximum downtime at switch-over, ms (1..=60000).
+    pub migration_max_downtime_ms: Option<u64>,
+    /// Live migration: bandwidth cap, MB/s (0: unlimited, up to 100000).
+    pub migration_bandwidth_mbps: Option<u64>,
+    /// Live migration: post-copy allowed as a remedy (M3).
+    pub migration_post_copy_allowed: Option<bool>,
+    /// HA load balancing (L1): spread VMs without a preferred PM by memory.
+    pub load_balancing: Option<bool>,
 }
 
 fn settings_view(s: &Settings) -> SettingsPatch {
@@ -654,6 +662,10 @@ fn settings_view(s: &Settings) -> SettingsPatch {
         instance_check_interval_secs: Some(s.instance_check_interval_secs),
         timezone: Some(s.timezone.clone()),
         unresponsive_restart_secs: Some(s.unresponsive_restart_secs),
+        migration_max_downtime_ms: Some(s.migration_max_downtime_ms),
+        migration_bandwidth_mbps: Some(s.migration_bandwidth_mbps),
+        migration_post_copy_allowed: Some(s.migration_post_copy_allowed),
+        load_balancing: Some(s.load_balancing),
     }
 }
 
@@ -749,6 +761,18 @@ pub async fn update_settings(
             } else {
                 in_range("unresponsive_restart_secs", v, 10, 86_400)?
             };
+        }
+        if let Some(v) = p.migration_max_downtime_ms {
+            s.migration_max_downtime_ms = in_range("migration_max_downtime_ms", v, 1, 60_000)?;
+        }
+        if let Some(v) = p.migration_bandwidth_mbps {
+            s.migration_bandwidth_mbps = in_range("migration_bandwidth_mbps", v, 0, 100_000)?;
+        }
+        if let Some(v) = p.migration_post_copy_allowed {
+            s.migration_post_copy_allowed = v;
+        }
+        if let Some(v) = p.load_balancing {
+            s.load_balancing = v;
         }
         tx.put_settings(&s)?;
         Ok(s)

@@ -9,7 +9,8 @@
 //!    (`pv writer` on the disk plus `pv dirty 16`), each from the PM hosting
 //!    the VM to the other; the order alternates per run so that both kinds
 //!    are measured in both directions. After each, the volume must be in
-//!    sync again before the next one.
+//!    sync again before the next one. A migration that fails is retried
+//!    (up to four attempts) and its failures are reported with it.
 //! 2. one failover: the guest writes durable blocks (`pv write`), the host PM
 //!    is killed with everything it runs, and the time from the kill to QEMU
 //!    running on the survivor is measured; every block the guest had
@@ -26,7 +27,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Target: kill of the host PM → VM started on the survivor, seconds (with
 /// the default lease and heartbeat timeouts).
@@ -40,6 +41,9 @@ const WRITER_BLOCKS: u64 = 16;
 
 /// MiB of memory the busy guest keeps dirtying.
 const DIRTY_MIB: u64 = 16;
+
+/// Attempts per measured migration (a failed one is reported and retried).
+const MIGRATION_ATTEMPTS: usize = 4;
 
 /// How often polls look again.
 const POLL: Duration = Duration::from_millis(100);
@@ -73,6 +77,8 @@ struct Pm {
     data: PathBuf,
     password: String,
     client: Mutex<Option<Arc<Client>>>,
+    /// The bearer token of `client`.
+    token: Mutex<String>,
 }
 
 impl Pm {
@@ -91,6 +97,7 @@ impl Pm {
             data: m.data.clone(),
             password: password.to_string(),
             client: Mutex::new(None),
+            token: Mutex::new(String::new()),
         })
     }
 
@@ -118,7 +125,8 @@ impl Pm {
         .await
         .map_err(|e| LabError::Api(format!("login to {} ({}): {e}", self.name, self.api)))?;
         let token = v["token"].as_str().unwrap_or_default().to_string();
-        let c = Arc::new(Client::new(self.api.clone(), Some(token)));
+        let c = Arc::new(Client::new(self.api.clone(), Some(token.clone())));
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
         self.set_cached(Some(c.clone()));
         Ok(c)
     }
@@ -150,6 +158,42 @@ impl Pm {
     /// GET, `None` on any error (for polls).
     async fn get(&self, path: &str) -> Option<Value> {
         self.call(Method::GET, path, None).await.ok()
+    }
+
+    /// GET answered by this PM itself, `None` on any error (for polls).
+    ///
+    /// Requests about a VM are normally forwarded to the PM hosting it. The
+    /// figures of a migration live in the memory of its source PM, but
+    /// from the hand-over on the destination hosts the VM, and what it
+    /// answers is its own last migration's view (if it drove one), not this
+    /// one. So the source is asked directly: the request carries the mark
+    /// of an already forwarded request. Plain HTTP/1.0, as `Client` cannot
+    /// add headers.
+    async fn get_here(&self, path: &str) -> Option<Value> {
+        self.client().await.ok()?;
+        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let hostport = self.api.strip_prefix("http://")?.trim_end_matches('/');
+        let exchange = async {
+            let mut s = tokio::net::TcpStream::connect(hostport).await.ok()?;
+            let req = format!(
+                "GET /api/v1{path} HTTP/1.0\r\nHost: {hostport}\r\n\
+                 Authorization: Bearer {token}\r\nx-pairvisor-forwarded: bench\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.ok()?;
+            let text = String::from_utf8_lossy(&buf);
+            let (head, body) = text.split_once("\r\n\r\n")?;
+            let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+            if status == 401 {
+                self.set_cached(None);
+            }
+            (status == 200).then(|| serde_json::from_str(body).ok())?
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .ok()
+            .flatten()
     }
 
     fn run_dir(&self, vm_id: &str) -> PathBuf {
@@ -515,6 +559,10 @@ async fn measure(dir: &Path, st: &LabState, opts: &BenchOptions) -> Result<Value
     let all_met = ["failover_secs", "idle_downtime_ms", "acked_writes_lost"]
         .iter()
         .all(|t| targets[t]["met"] == true);
+    let failed_attempts: usize = migrations
+        .iter()
+        .map(|m| m["failed_attempts"].as_array().map_or(0, Vec::len))
+        .sum();
     let summary = |kind: &str| {
         json!({
             "downtime_ms": stats(&migrations, kind, "downtime_ms"),
@@ -540,6 +588,16 @@ async fn measure(dir: &Path, st: &LabState, opts: &BenchOptions) -> Result<Value
         "failover": failover,
         "targets": targets,
         "all_targets_met": all_met,
+        "migration_failed_attempts": failed_attempts,
+        "definitions": {
+            "failover_secs": "kill of the PM hosting the VM (with its QEMU) -> the VM's QEMU runs on the survivor (API: host = survivor, with a pid)",
+            "to_running_secs": "kill -> the VM's state is running on the survivor",
+            "to_guest_ready_secs": "kill -> the test guest printed ready on the survivor",
+            "downtime_ms": "guest paused on the source -> resumed on the destination, disk hand-over included (the API's downtime_ms)",
+            "qemu_downtime_ms": "QEMU's own downtime figure",
+            "total_ms": "migration start -> done, as the source PM measured it",
+            "request_to_done_ms": "POST migrate -> the bench saw phase done",
+        },
     }))
 }
 
@@ -578,6 +636,7 @@ async fn migrate(
     let first = 10_000 + u64::from(run) * 100;
     let t = Duration::from_secs(60);
     if load == Load::Busy {
+        let mark = file_len(&src.console_log(id));
         command(
             src,
             id,
@@ -587,7 +646,7 @@ async fn migrate(
         )
         .await?;
         // Writes are acknowledged before the migration starts.
-        wait_console(src, id, 0, &format!("pv-guest: acked {seed} "), t).await?;
+        wait_console(src, id, mark, &format!("pv-guest: acked {seed} "), t).await?;
         command(
             src,
             id,
@@ -598,26 +657,37 @@ async fn migrate(
         .await?;
     }
     let dst_mark = file_len(&dst.console_log(id));
-    let t0 = Instant::now();
-    src.call(Method::POST, "/vms/demo/migrate", Some(json!({})))
-        .await?;
-    let m = until(
-        &format!("the migration {} -> {} to end", src.name, dst.name),
-        Duration::from_secs(300),
-        || async move {
-            src.get("/vms/demo/migration")
-                .await
-                .filter(|m| m["phase"] == "done" || m["phase"] == "failed")
-        },
-    )
-    .await?;
-    let wall_ms = t0.elapsed().as_millis() as u64;
-    if m["phase"] != "done" {
-        return Err(LabError::Api(format!(
-            "the {kind} guest's migration {} -> {} failed: {}",
-            src.name, dst.name, m["error"]
-        )));
-    }
+    // Leader or follower in the unit database: the source's own reads of
+    // what it just wrote lag on a follower.
+    let src_db = src
+        .get("/unit")
+        .await
+        .map(|u| u["metrics"]["state"].clone())
+        .unwrap_or(Value::Null);
+    let mut failures = Vec::new();
+    let (m, wall_ms) = loop {
+        match migrate_attempt(src, dst).await {
+            Ok(done) => break done,
+            Err(e) if failures.len() + 1 < MIGRATION_ATTEMPTS => {
+                progress(&format!(
+                    "run {}: the {kind} guest's migration {} -> {} (unit database {src_db} \
+                     there) failed ({e}); retrying",
+                    run + 1,
+                    src.name,
+                    dst.name
+                ));
+                failures.push(e.to_string());
+                recover_after_failed_migration(src, dst, id).await?;
+            }
+            Err(e) => {
+                return Err(LabError::Api(format!(
+                    "the {kind} guest's migration {} -> {} (unit database {src_db} there) \
+                     failed {MIGRATION_ATTEMPTS} times; last: {e}; before: {failures:?}",
+                    src.name, dst.name
+                )))
+            }
+        }
+    };
     wait_running(dst).await?;
     *host = 1 - *host;
     if load == Load::Busy {
@@ -646,7 +716,83 @@ async fn migrate(
         "passes": m["passes"],
         "preflight_dirty_rate_bps": m["preflight_dirty_rate_bps"],
         "resync_secs": round3(synced.elapsed().as_secs_f64()),
+        "failed_attempts": failures,
+        "source_unit_db_state": src_db,
     }))
+}
+
+/// Starts a migration `src` -> `dst` and follows it to its end; returns the
+/// source's view of it when done, and the time from the request to done.
+async fn migrate_attempt(src: &Pm, dst: &Pm) -> Result<(Value, u64), LabError> {
+    let t0 = Instant::now();
+    src.call(Method::POST, "/vms/demo/migrate", Some(json!({})))
+        .await?;
+    let m = until(
+        &format!("the migration {} -> {} to end", src.name, dst.name),
+        Duration::from_secs(300),
+        || async move {
+            src.get_here("/vms/demo/migration").await.filter(|m| {
+                m["source"] == src.name.as_str()
+                    && m["dest"] == dst.name.as_str()
+                    && (m["phase"] == "done" || m["phase"] == "failed")
+            })
+        },
+    )
+    .await?;
+    let wall_ms = t0.elapsed().as_millis() as u64;
+    if m["phase"] != "done" {
+        return Err(LabError::Api(format!(
+            "phase {}: {}",
+            m["phase"],
+            m["error"].as_str().unwrap_or("no error given")
+        )));
+    }
+    Ok((m, wall_ms))
+}
+
+/// Whether a QEMU process of the VM runs on `pm` (its run directory's
+/// `qemu.pid`).
+fn qemu_alive(pm: &Pm, vm_id: &str) -> bool {
+    std::fs::read_to_string(pm.run_dir(vm_id).join("qemu.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        .is_some_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+}
+
+/// After a failed migration: the VM runs on the source again, its
+/// migration record is no longer active (cancelled if it still is: a
+/// source PM that reads a lagging copy of the unit database can fail a
+/// migration without marking its record failed), the destination has
+/// stopped its incoming QEMU (a destination still holding one ignores a new
+/// migration), and the volume is in sync.
+async fn recover_after_failed_migration(src: &Pm, dst: &Pm, id: &str) -> Result<(), LabError> {
+    wait_running(src).await?;
+    let d = Duration::from_secs(120);
+    until("the failed migration to be over", d, || async move {
+        let c = src.client().await.ok()?;
+        match bounded(c.call(Method::DELETE, "/vms/demo/migration", None)).await {
+            Err(CliError::Api {
+                status: 409,
+                message,
+                ..
+            }) if message.contains("not being migrated") => Some(()),
+            Ok(_) => {
+                progress("cancelled the failed migration, whose record was still active");
+                None
+            }
+            Err(_) => None,
+        }
+    })
+    .await?;
+    until(&format!("{}'s incoming QEMU to stop", dst.name), d, || {
+        let gone = (!qemu_alive(dst, id)).then_some(());
+        async move { gone }
+    })
+    .await?;
+    until("demo-boot in sync", d, || src.in_sync("demo-boot")).await?;
+    Ok(())
 }
 
 /// Kills the PM hosting the demo VM while the guest writes, measures the
@@ -686,29 +832,46 @@ async fn failover(dir: &Path, pms: &[Pm; 2], host: usize, id: &str) -> Result<Va
     let acked = last_acked(&console_since(&log, mark), seed)
         .ok_or_else(|| LabError::Api("no acknowledged write in the console log".into()))?
         + 1;
-    let started = until(
-        &format!("the demo VM started on {}", survivor.name),
-        Duration::from_secs(120),
-        || survivor.demo_here(),
-    )
-    .await?;
-    let failover = killed.elapsed();
-    progress(&format!(
-        "failover: VM started on {} {:.1} s after the kill ({acked} acknowledged blocks)",
-        survivor.name,
-        failover.as_secs_f64()
-    ));
-    wait_running(survivor).await?;
-    let running = killed.elapsed();
-    wait_console(
-        survivor,
-        id,
-        survivor_mark,
-        "pv-guest: ready",
-        Duration::from_secs(120),
-    )
-    .await?;
-    let ready = killed.elapsed();
+    // One poll for the three moments: QEMU started on the survivor (the
+    // failover time), the VM `running` there, the guest booted.
+    let slog = survivor.console_log(id);
+    let deadline = killed + Duration::from_secs(180);
+    let (mut failover, mut running, mut ready) = (None, None, None);
+    let mut started = Value::Null;
+    while failover.is_none() || running.is_none() || ready.is_none() {
+        if let Some(v) = survivor.demo_here().await {
+            let t = killed.elapsed();
+            if failover.is_none() {
+                failover = Some(t);
+                progress(&format!(
+                    "failover: VM started on {} {:.1} s after the kill ({acked} acknowledged blocks)",
+                    survivor.name,
+                    t.as_secs_f64()
+                ));
+                started = v.clone();
+            }
+            if running.is_none() && v["state"] == "running" {
+                running = Some(t);
+            }
+        }
+        if ready.is_none()
+            && find_line(&console_since(&slog, survivor_mark), "pv-guest: ready").is_some()
+        {
+            ready = Some(killed.elapsed());
+        }
+        if Instant::now() > deadline {
+            return Err(LabError::Api(format!(
+                "the demo VM did not come back on {} within 180 s of the kill (started: {}, \
+                 running: {}, guest ready: {})",
+                survivor.name,
+                failover.is_some(),
+                running.is_some(),
+                ready.is_some()
+            )));
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let secs = |d: Option<Duration>| round3(d.unwrap_or_default().as_secs_f64());
     let verdict = command(
         survivor,
         id,
@@ -733,9 +896,9 @@ async fn failover(dir: &Path, pms: &[Pm; 2], host: usize, id: &str) -> Result<Va
     Ok(json!({
         "killed": victim.name,
         "survivor": survivor.name,
-        "failover_secs": round3(failover.as_secs_f64()),
-        "to_running_secs": round3(running.as_secs_f64()),
-        "to_guest_ready_secs": round3(ready.as_secs_f64()),
+        "failover_secs": secs(failover),
+        "to_running_secs": secs(running),
+        "to_guest_ready_secs": secs(ready),
         "vm_id_kept": started["id"] == id,
         "acked_blocks": acked,
         "acked_writes_lost": 0,

@@ -82,7 +82,18 @@ impl Replicated for UnitStore {
         // The store's API is synchronous (redb); on the unit database a
         // commit is a network round trip, run on the runtime without
         // starving it.
-        let r = tokio::task::block_in_place(|| self.handle.block_on(db.write(batch)));
+        let r = tokio::task::block_in_place(|| {
+            self.handle.block_on(async {
+                let index = db.write(batch).await?;
+                // Read-your-writes: on a follower the write returns when the
+                // leader has committed it; wait until this node has applied
+                // it, so that the caller's next read sees it.
+                let _ = db
+                    .wait_applied(index, std::time::Duration::from_secs(5))
+                    .await;
+                Ok::<_, WriteError>(index)
+            })
+        });
         match r {
             Ok(_) => Ok(true),
             Err(WriteError::Rejected(_)) => Ok(false),
