@@ -260,7 +260,7 @@ pub async fn list_pms(
 ) -> ApiResult<axum::Json<Vec<pairvisor_orchestrator::maintenance::PmStatusView>>> {
     let svc = service(&st)?;
     Ok(axum::Json(
-        pairvisor_orchestrator::maintenance::pms(&st.agent, &svc)
+        pairvisor_orchestrator::maintenance::pms(&st.agent, svc)
             .await
             .map_err(maint_err)?,
     ))
@@ -299,7 +299,7 @@ pub async fn work_on(
 ) -> ApiResult<(axum::http::StatusCode, axum::Json<serde_json::Value>)> {
     check_me(&st, &name)?;
     let svc = service(&st)?;
-    pairvisor_orchestrator::maintenance::work_on(&st.agent, &svc, req.confirm)
+    pairvisor_orchestrator::maintenance::work_on(&st.agent, svc, req.confirm)
         .await
         .map_err(maint_err)?;
     Ok((
@@ -318,7 +318,7 @@ pub async fn finalize(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     check_me(&st, &name)?;
     let svc = service(&st)?;
-    pairvisor_orchestrator::maintenance::finalize(&st.agent, &svc)
+    pairvisor_orchestrator::maintenance::finalize(&st.agent, svc)
         .await
         .map_err(maint_err)?;
     Ok(axum::Json(
@@ -335,7 +335,7 @@ pub async fn pm_shutdown(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     check_me(&st, &name)?;
     let svc = service(&st)?;
-    pairvisor_orchestrator::maintenance::power_down(&st.agent, &svc, false)
+    pairvisor_orchestrator::maintenance::power_down(&st.agent, svc, false)
         .await
         .map_err(maint_err)?;
     Ok(axum::Json(
@@ -353,7 +353,7 @@ pub async fn pm_poweroff(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     check_me(&st, &name)?;
     let svc = service(&st)?;
-    pairvisor_orchestrator::maintenance::power_down(&st.agent, &svc, true)
+    pairvisor_orchestrator::maintenance::power_down(&st.agent, svc, true)
         .await
         .map_err(maint_err)?;
     Ok(axum::Json(
