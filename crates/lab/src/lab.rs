@@ -520,6 +520,7 @@ pub fn cut(dir: &Path, link: &str, heal: bool) -> Result<(), LabError> {
             Link::BusinessA,
             Link::BusinessB,
             Link::Witness,
+            Link::Peers,
         ]
     } else {
         vec![Link::parse(link)?]

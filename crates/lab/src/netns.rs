@@ -37,6 +37,10 @@ pub enum Link {
     BusinessB,
     /// The witness's port on the business network.
     Witness,
+    /// The PMs' path to each other on the business network only (both keep
+    /// reaching the witness): with `private`, the two PMs lose each other
+    /// while each still reaches the witness.
+    Peers,
 }
 
 impl Link {
@@ -47,9 +51,11 @@ impl Link {
             "business-a" => Link::BusinessA,
             "business-b" => Link::BusinessB,
             "witness" => Link::Witness,
+            "peers" => Link::Peers,
             other => {
                 return Err(NetError::Invalid(format!(
-                    "unknown link '{other}'; links are: private, business-a, business-b, witness"
+                    "unknown link '{other}'; links are: private, business-a, business-b, \
+                     witness, peers"
                 )))
             }
         })
@@ -228,11 +234,23 @@ impl Topology {
             Link::BusinessA => (self.ns('a'), self.ifname('a', 'b')),
             Link::BusinessB => (self.ns('b'), self.ifname('b', 'b')),
             Link::Witness => (self.ns('w'), self.ifname('w', 'b')),
+            // Not an interface (see `cut`); never used for it.
+            Link::Peers => (self.ns('a'), self.ifname('a', 'b')),
         }
     }
 
-    /// Cuts a link (its interface goes down inside the namespace).
+    /// Cuts a link (its interface goes down inside the namespace; for
+    /// `peers`, each PM gets a blackhole route to the other's business
+    /// address).
     pub fn cut(&self, link: Link) -> Result<(), NetError> {
+        if link == Link::Peers {
+            for (me, other) in [('a', 'b'), ('b', 'a')] {
+                let dst = format!("{}/32", self.business_addr(other));
+                let _ = run(&["-n", &self.ns(me), "route", "del", "blackhole", &dst]);
+                run(&["-n", &self.ns(me), "route", "add", "blackhole", &dst])?;
+            }
+            return Ok(());
+        }
         let (ns, ifn) = self.link_ends(link);
         run(&["-n", &ns, "link", "set", &ifn, "down"])?;
         Ok(())
@@ -240,6 +258,13 @@ impl Topology {
 
     /// Restores a cut link, with its address (a downed veth keeps it).
     pub fn heal(&self, link: Link) -> Result<(), NetError> {
+        if link == Link::Peers {
+            for (me, other) in [('a', 'b'), ('b', 'a')] {
+                let dst = format!("{}/32", self.business_addr(other));
+                let _ = run(&["-n", &self.ns(me), "route", "del", "blackhole", &dst]);
+            }
+            return Ok(());
+        }
         let (ns, ifn) = self.link_ends(link);
         run(&["-n", &ns, "link", "set", &ifn, "up"])?;
         Ok(())
@@ -247,6 +272,11 @@ impl Topology {
 
     /// Whether a link is up.
     pub fn is_up(&self, link: Link) -> Result<bool, NetError> {
+        if link == Link::Peers {
+            let dst = self.business_addr('b');
+            let out = run(&["-n", &self.ns('a'), "route", "show", "type", "blackhole"])?;
+            return Ok(!out.contains(&dst));
+        }
         let (ns, ifn) = self.link_ends(link);
         let out = run(&["-n", &ns, "-o", "link", "show", &ifn])?;
         Ok(out.contains("state UP") || out.contains(",UP"))

@@ -208,8 +208,8 @@ fn up(dir: &Path, net_base: u32) {
 }
 
 fn up_opts(dir: &Path, net_base: u32, extra: &[&str]) {
-    // Each test its own network (140-149, between the netns test's and the
-    // lab test's ranges) and namespace prefix.
+    // Each test its own network (140-149 and 192-193, outside the netns
+    // test's and the lab test's ranges) and namespace prefix.
     let net = (net_base + std::process::id() % 2).to_string();
     let prefix = format!("pvf{net}");
     let g = guest_dir();
@@ -610,5 +610,64 @@ fn work_on_finalize_move_back_and_unit_shutdown_start() {
         pm.vm("demo")
             .filter(|v| v["pid"].is_number() && v["state"] == "running")
     });
+    lab(dir.path(), &["down"]);
+}
+
+#[test]
+fn pms_that_lose_each_other_but_reach_the_witness_never_both_run_the_vm() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 192);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    a.type_line(&id, "pv write 31 32");
+    wait_console(&a, &id, "pv-guest: write done 31 32", 60);
+
+    // Both links between the PMs cut; each still reaches the witness.
+    lab(dir.path(), &["cut", "private"]);
+    lab(dir.path(), &["cut", "peers"]);
+    let start = Instant::now();
+    let mut both = 0;
+    while start.elapsed() < Duration::from_secs(25) {
+        if a.qemu_alive(&id) && b.qemu_alive(&id) {
+            both += 1;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(both, 0, "the VM ran on both PMs at once");
+    // Exactly one side runs it afterwards.
+    let on = until("the VM runs on exactly one PM", 90, || {
+        match (a.qemu_alive(&id), b.qemu_alive(&id)) {
+            (true, false) => Some("pm-a"),
+            (false, true) => Some("pm-b"),
+            _ => None,
+        }
+    });
+    println!("{}", json!({"split_with_witness": {"vm_runs_on": on}}));
+    for _ in 0..40 {
+        assert!(!(a.qemu_alive(&id) && b.qemu_alive(&id)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Heal: the loser is unfenced and resyncs; the volume is redundant again
+    // and the writes made before the split are there.
+    lab(dir.path(), &["heal"]);
+    let (winner, loser) = if on == "pm-a" {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    until("demo-boot in sync after heal", 120, || {
+        volume_in_sync(winner, "demo-boot").then_some(())
+    });
+    assert!(!loser.qemu_alive(&id));
+    let vm = until("demo running on the winner", 120, || {
+        winner
+            .vm("demo")
+            .filter(|v| v["state"] == "running" && v["pid"].is_number())
+    });
+    assert_eq!(vm["host"], on, "{vm}");
+    winner.type_line(&id, "pv verify 31 32");
+    wait_console(winner, &id, "pv-guest: verify ok 31 32", 60);
     lab(dir.path(), &["down"]);
 }
