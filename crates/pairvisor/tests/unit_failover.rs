@@ -418,6 +418,15 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     // with the numbers; pausing it finishes the migration.
     b.type_line(&id, "pv dirty 64");
     wait_console(&b, &id, "pv-guest: dirty started", 30);
+    // Policy: no post-copy in this unit.
+    let (s, v) = a
+        .call(
+            "PATCH",
+            "/settings",
+            Some(json!({"migration_post_copy_allowed": false})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
     let (s, v) = a
         .call(
             "POST",
@@ -441,6 +450,25 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
         "{m:#}"
     );
     println!("{}", json!({"not_converging": why}));
+    // Remedies that do not apply are refused with the reason.
+    let (s, v) = a
+        .call(
+            "POST",
+            "/vms/demo/migration/remedy",
+            Some(json!({"remedy": "post_copy"})),
+        )
+        .unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("post-copy"), "{v}");
+    let (s, v) = a
+        .call(
+            "POST",
+            "/vms/demo/migration/remedy",
+            Some(json!({"remedy": "auto_converge"})),
+        )
+        .unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("starts"), "{v}");
     let (s, v) = a
         .call(
             "POST",
