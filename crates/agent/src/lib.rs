@@ -21,7 +21,7 @@ mod unit;
 
 pub use alerts::Severity;
 pub use error::{AgentError, Result};
-pub use migrate::{MigrateRequest, MigrationView, RemedyRequest};
+pub use migrate::{MigrateRequest, MigrationEstimate, MigrationView, RemedyRequest};
 pub use paths::Paths;
 pub use types::*;
 pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink};

@@ -944,3 +944,71 @@ impl Agent {
             .contains_key(vm)
     }
 }
+
+/// A pre-flight estimate (M4): will a migration of this VM converge?
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MigrationEstimate {
+    /// The VM.
+    pub vm: String,
+    /// Guest RAM, bytes.
+    pub ram_bytes: u64,
+    /// Dirty rate measured by QEMU over one second, bytes/s.
+    pub dirty_rate_bps: f64,
+    /// Bandwidth assumed: the configured cap, or 1 Gb/s when unlimited.
+    pub bandwidth_bps: f64,
+    /// Maximum downtime, ms.
+    pub max_downtime_ms: u64,
+    /// The M2 verdict for these figures.
+    #[schema(value_type = Object)]
+    pub verdict: Verdict,
+    /// Seconds to copy the RAM once at that bandwidth.
+    pub first_pass_secs: f64,
+}
+
+/// Bandwidth assumed for an estimate without a cap: a 1 Gb/s private link.
+const ASSUMED_LINK_BPS: f64 = 125_000_000.0;
+
+impl Agent {
+    /// M4: measures the guest's dirty rate (one second) and says whether a
+    /// migration would converge with the unit's settings.
+    pub async fn migration_estimate(
+        &self,
+        name: &str,
+        req: MigrateRequest,
+    ) -> Result<MigrationEstimate> {
+        let rec = self.load_vm_here(name)?;
+        let run = self.running(name).ok_or_else(|| crate::no_process(name))?;
+        let settings = self.settings()?;
+        let rate = crate::bounded("dirty-rate measurement", run.qemu.measure_dirty_rate(1)).await?;
+        let cap = req
+            .bandwidth_mbps
+            .unwrap_or(settings.migration_bandwidth_mbps)
+            * 1_000_000;
+        let bandwidth = if cap > 0 {
+            cap as f64
+        } else {
+            ASSUMED_LINK_BPS
+        };
+        let max_downtime = req
+            .max_downtime_ms
+            .unwrap_or(settings.migration_max_downtime_ms)
+            .max(1);
+        let ram = rec.memory_mib * 1024 * 1024;
+        let verdict = model::convergence(MigrationFigures {
+            remaining_bytes: ram,
+            bandwidth_bps: bandwidth,
+            dirty_pages_per_sec: rate.bytes_per_sec / 4096.0,
+            page_size: 4096,
+            max_downtime_ms: max_downtime,
+        });
+        Ok(MigrationEstimate {
+            vm: name.to_string(),
+            ram_bytes: ram,
+            dirty_rate_bps: rate.bytes_per_sec,
+            bandwidth_bps: bandwidth,
+            max_downtime_ms: max_downtime,
+            verdict,
+            first_pass_secs: ram as f64 / bandwidth,
+        })
+    }
+}

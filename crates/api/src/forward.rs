@@ -62,19 +62,20 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
         let Some(vm) = vm_of(req.method(), path.path()) else {
             return (req, None);
         };
-        let host = if path.path().ends_with("/migration") {
-            // A migration is followed (and cancelled) on the PM that drives
-            // it: its source, which holds the live figures.
-            match st.agent.store().get::<MigrationRecord>(&vm) {
-                Ok(Some(m)) => Some(m.source),
-                _ => None,
-            }
-        } else {
-            match st.agent.store().get::<VmRecord>(&vm) {
-                Ok(Some(r)) => r.host,
-                _ => None,
-            }
-        };
+        let host =
+            if path.path().ends_with("/migration") || path.path().ends_with("/migration/remedy") {
+                // A migration is followed (and cancelled) on the PM that drives
+                // it: its source, which holds the live figures.
+                match st.agent.store().get::<MigrationRecord>(&vm) {
+                    Ok(Some(m)) => Some(m.source),
+                    _ => None,
+                }
+            } else {
+                match st.agent.store().get::<VmRecord>(&vm) {
+                    Ok(Some(r)) => r.host,
+                    _ => None,
+                }
+            };
         (format!("VM '{vm}'"), host)
     };
     let Some(host) = host.filter(|h| *h != me) else {

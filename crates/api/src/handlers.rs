@@ -240,6 +240,20 @@ pub async fn get_migration(
     Ok(axum::Json(st.agent.migration(&name)?))
 }
 
+/// Pre-flight estimate (M4): measures the guest's dirty rate for a second
+/// and says whether a migration would converge (the body takes the same
+/// options as migrate).
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migration/estimate", params(("name" = String, Path)),
+    request_body = MigrateRequest,
+    responses((status = 200, body = MigrationEstimate), (status = 409, body = ErrorBody)))]
+pub async fn migration_estimate(
+    State(st): State<AppState>,
+    Path(name): Path<String>,
+    Json(req): Json<MigrateRequest>,
+) -> ApiResult<axum::Json<MigrationEstimate>> {
+    Ok(axum::Json(st.agent.migration_estimate(&name, req).await?))
+}
+
 /// Apply a remedy to a migration that does not converge (M3).
 #[utoipa::path(post, path = "/api/v1/vms/{name}/migration/remedy", params(("name" = String, Path)),
     request_body = RemedyRequest,

@@ -67,7 +67,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         handlers::list_vms, handlers::create_vm, handlers::get_vm, handlers::remove_vm,
         handlers::start_vm, handlers::shutdown_vm, handlers::poweroff_vm, handlers::dump_vm,
         handlers::reset_device, handlers::migrate_vm, handlers::get_migration,
-        handlers::migration_remedy, handlers::cancel_migration, handlers::boot_from_cd, handlers::insert_cd, handlers::eject_cd,
+        handlers::migration_remedy, handlers::cancel_migration, handlers::migration_estimate, handlers::boot_from_cd, handlers::insert_cd, handlers::eject_cd,
         handlers::config_vm, handlers::console_log,
         handlers::list_volumes, handlers::create_volume, handlers::get_volume,
         handlers::delete_volume, handlers::attach_volume, handlers::detach_volume,
@@ -126,6 +126,7 @@ pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitServ
             get(get_migration).delete(cancel_migration),
         )
         .route("/vms/{name}/migration/remedy", post(migration_remedy))
+        .route("/vms/{name}/migration/estimate", post(migration_estimate))
         .route("/vms/{name}/boot-from-cd", post(boot_from_cd))
         .route("/vms/{name}/cd", put(insert_cd).delete(eject_cd))
         .route("/vms/{name}/config", post(config_vm))
@@ -202,6 +203,7 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("GET", "/vms/{name}/migration", Access::Read),
     ("DELETE", "/vms/{name}/migration", Access::Operate),
     ("POST", "/vms/{name}/migration/remedy", Access::Operate),
+    ("POST", "/vms/{name}/migration/estimate", Access::Read),
     ("POST", "/vms/{name}/reset-device", Access::Operate),
     ("POST", "/vms/{name}/boot-from-cd", Access::Operate),
     ("PUT", "/vms/{name}/cd", Access::Operate),

@@ -292,6 +292,15 @@ pub enum VmCmd {
         /// Preferred PM, or `none`.
         preferred: String,
     },
+    /// Pre-flight (M4): measure the guest's dirty rate and say whether a
+    /// migration would converge.
+    MigrateEstimate {
+        /// VM name.
+        name: String,
+        /// Bandwidth cap to assume, MB/s.
+        #[arg(long)]
+        bandwidth_mbps: Option<u64>,
+    },
     /// Show the current (or last) migration of a VM.
     Migration {
         /// VM name.
@@ -1006,6 +1015,15 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
                         .await?,
                 )
             }
+            VmCmd::MigrateEstimate { name, bandwidth_mbps } => out(
+                "",
+                c.call(
+                    M::POST,
+                    &format!("/vms/{name}/migration/estimate"),
+                    Some(json!({"bandwidth_mbps": bandwidth_mbps})),
+                )
+                .await?,
+            ),
             VmCmd::Migration { name } => out("", c.call(M::GET, &format!("/vms/{name}/migration"), None).await?),
             VmCmd::MigrateRemedy { name, remedy, downtime_ms } => out(
                 "",

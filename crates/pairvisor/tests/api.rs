@@ -711,6 +711,7 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/vms/{name}/migration", "read_only"),
     ("DELETE", "/vms/{name}/migration", "operator"),
     ("POST", "/vms/{name}/migration/remedy", "operator"),
+    ("POST", "/vms/{name}/migration/estimate", "read_only"),
     ("POST", "/vms/{name}/reset-device", "operator"),
     ("POST", "/vms/{name}/boot-from-cd", "operator"),
     ("PUT", "/vms/{name}/cd", "operator"),

@@ -268,10 +268,13 @@ fn killed_pm_fails_over_without_losing_acknowledged_writes() {
         json!({"failover_secs": failover.as_secs_f64(), "acked_blocks_before_kill": acked + 1})
     );
     assert_eq!(vm["id"], id.as_str());
-    until("demo running on pm-b", 120, || {
+    let vm = until("demo running on pm-b", 120, || {
         b.vm("demo")
             .filter(|v| v["state"] == "running" && v["pid"].is_number())
     });
+    // Without its partner the VM is not redundant, and says why.
+    let why = vm["redundancy_alert"].as_str().unwrap_or_default();
+    assert!(why.contains("not fully redundant"), "{vm:#}");
     // Every acknowledged block is on the survivor's replica.
     b.type_line(&id, &format!("pv verify 7 {}", acked + 1));
     let verdict = until("verify result", 60, || {
@@ -418,6 +421,16 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     // with the numbers; pausing it finishes the migration.
     b.type_line(&id, "pv dirty 64");
     wait_console(&b, &id, "pv-guest: dirty started", 30);
+    // M4 pre-flight: with a 4 MB/s cap this guest cannot converge.
+    let (s, e) = a
+        .call(
+            "POST",
+            "/vms/demo/migration/estimate",
+            Some(json!({"bandwidth_mbps": 4})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{e}");
+    assert_eq!(e["verdict"]["verdict"], "not_converging", "{e:#}");
     // Policy: no post-copy in this unit.
     let (s, v) = a
         .call(
