@@ -30,7 +30,7 @@ use pairvisor_model::migration::{
     self as model, MigrationFigures, PostCopyPolicy, Remedy, Verdict,
 };
 use pairvisor_model::vm::{VmEvent, VmState};
-use pairvisor_store::{MigrationPhase, MigrationRecord, VmRecord, VolumeRecord};
+use pairvisor_store::{MigrationPhase, MigrationRecord, VolumeRecord};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -593,21 +593,12 @@ impl Agent {
         let paused = now_ms();
         let dest = mrec.dest.clone();
         self.store().write(|tx| {
-            let mut vm: VmRecord = tx.get(&mrec.vm)?.ok_or_else(|| AgentError::NotFound {
-                kind: "VM",
-                name: mrec.vm.clone(),
-            })?;
-            vm.host = Some(dest.clone());
-            for v in vm.volumes() {
-                if let Some(mut vol) = tx.get::<VolumeRecord>(v)? {
-                    if let Some(m) = vol.mirror.as_mut() {
-                        m.primary = dest.clone();
-                        m.epoch += 1;
-                    }
-                    tx.put(&vol)?;
-                }
+            if !crate::unit::hand_vm_to(tx, &mrec.vm, &dest)? {
+                return Err(AgentError::NotFound {
+                    kind: "VM",
+                    name: mrec.vm.clone(),
+                });
             }
-            tx.put(&vm)?;
             if let Some(mut m) = tx.get::<MigrationRecord>(&mrec.vm)? {
                 m.phase = MigrationPhase::Switchover;
                 m.paused_at_ms = Some(paused);
@@ -624,19 +615,7 @@ impl Agent {
     async fn take_back(&self, mrec: &MigrationRecord) {
         let me = mrec.source.clone();
         let r = self.store().write(|tx| {
-            if let Some(mut vm) = tx.get::<VmRecord>(&mrec.vm)? {
-                vm.host = Some(me.clone());
-                for v in vm.volumes() {
-                    if let Some(mut vol) = tx.get::<VolumeRecord>(v)? {
-                        if let Some(m) = vol.mirror.as_mut() {
-                            m.primary = me.clone();
-                            m.epoch += 1;
-                        }
-                        tx.put(&vol)?;
-                    }
-                }
-                tx.put(&vm)?;
-            }
+            crate::unit::hand_vm_to(tx, &mrec.vm, &me)?;
             Ok::<_, AgentError>(())
         });
         if let Err(e) = r {

@@ -108,39 +108,39 @@ impl Agent {
         *self.inner.unit.lock().unwrap_or_else(|e| e.into_inner()) = Some(link);
         self.reconcile_mirrors().await;
         // Two loops, so that a slow reconciliation never delays stopping VMs
-        // when the lease runs out.
-        let weak = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            // Fast enough to stop VMs within STOP_BEFORE_EXPIRY.
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                Agent { inner }.enforce_lease().await;
-            }
-        });
-        let weak = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { return };
-                let agent = Agent { inner };
-                agent.reconcile_mirrors().await;
-                agent.serve_incoming_migrations().await;
-                agent.check_redundancy_alerts();
-                let healthy = agent
-                    .unit()
-                    .and_then(|u| u.lease_remaining())
-                    .is_some_and(|r| r > STOP_BEFORE_EXPIRY * 2);
-                if healthy && agent.may_start_vms_here() {
-                    agent.ensure_running().await;
-                }
+        // when the lease runs out (200 ms: well within STOP_BEFORE_EXPIRY).
+        self.every(200, |agent| async move { agent.enforce_lease().await });
+        self.every(500, |agent| async move {
+            agent.reconcile_mirrors().await;
+            agent.serve_incoming_migrations().await;
+            agent.check_redundancy_alerts();
+            let healthy = agent
+                .unit()
+                .and_then(|u| u.lease_remaining())
+                .is_some_and(|r| r > STOP_BEFORE_EXPIRY * 2);
+            if healthy && agent.may_start_vms_here() {
+                agent.ensure_running().await;
             }
         });
         self.recover().await;
+    }
+
+    /// Runs `f` every `ms` milliseconds for as long as the agent lives.
+    fn every<F, Fut>(&self, ms: u64, f: F)
+    where
+        F: Fn(Agent) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                f(Agent { inner }).await;
+            }
+        });
     }
 
     /// Whether `rec` runs (or would start) on this PM.
@@ -474,13 +474,14 @@ impl Agent {
             .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
         let t = self.store().write(|tx| {
             let mut t = Takeover::default();
-            for mut vm in tx.list::<VmRecord>()? {
+            for vm in tx.list::<VmRecord>()? {
                 if vm.host.as_deref() == Some(partner) {
-                    vm.host = Some(me.clone());
+                    hand_vm_to(tx, &vm.name, &me)?;
                     t.vms.push(vm.name.clone());
-                    tx.put(&vm)?;
+                    t.volumes.extend(vm.volumes().cloned());
                 }
             }
+            // Volumes of no VM, or already handed over above.
             for mut v in tx.list::<VolumeRecord>()? {
                 if let Some(m) = v.mirror.as_mut().filter(|m| m.primary == partner) {
                     m.primary = me.clone();
@@ -898,4 +899,29 @@ impl Agent {
             })
             .min()
     }
+}
+
+/// In a transaction: `vm` is hosted by `to`, and each of its mirrored
+/// volumes gets `to` as primary with a new epoch (so that the old primary
+/// can never complete a write again). False when the VM does not exist.
+pub(crate) fn hand_vm_to(
+    tx: &mut pairvisor_store::Tx<'_>,
+    vm: &str,
+    to: &str,
+) -> std::result::Result<bool, pairvisor_store::StoreError> {
+    let Some(mut rec) = tx.get::<VmRecord>(vm)? else {
+        return Ok(false);
+    };
+    rec.host = Some(to.to_string());
+    for v in rec.volumes() {
+        if let Some(mut vol) = tx.get::<VolumeRecord>(v)? {
+            if let Some(m) = vol.mirror.as_mut().filter(|m| m.primary != to) {
+                m.primary = to.to_string();
+                m.epoch += 1;
+                tx.put(&vol)?;
+            }
+        }
+    }
+    tx.put(&rec)?;
+    Ok(true)
 }
