@@ -76,6 +76,26 @@ impl Model {
         }
     }
 
+    /// After a failover: the promoted replica's image is now the truth for
+    /// blocks whose write was in flight when the primary died (it holds
+    /// either that write or the previous one, and from now on both
+    /// replicas keep what it holds until the block is written again).
+    fn settle(&mut self, image: &[u8]) {
+        for b in 0..BLOCKS as usize {
+            let inflight = self.inflight[b];
+            if inflight == 0 {
+                continue;
+            }
+            let blk = &image[b * BLOCK..(b + 1) * BLOCK];
+            if !blk.iter().all(|&x| x == 0)
+                && u64::from_be_bytes(blk[8..16].try_into().unwrap()) == inflight
+            {
+                self.acked[b] = inflight;
+            }
+            self.inflight[b] = 0;
+        }
+    }
+
     /// Checks a replica image against the acknowledged writes.
     fn check(&self, seed: u64, image: &[u8], who: &str) {
         for b in 0..BLOCKS {
@@ -201,11 +221,16 @@ fn kill_primary(seed: u64) {
         epoch += 1;
         let r = sec.ctl(json!({"cmd":"promote","epoch":epoch}));
         assert_eq!(r["ok"], true, "promote: {r}");
-        model.lock().unwrap().check(
-            seed,
-            &sec.data(),
-            &format!("promoted {} (iteration {it})", sec.node.name),
-        );
+        {
+            let image = sec.data();
+            let mut m = model.lock().unwrap();
+            m.check(
+                seed,
+                &image,
+                &format!("promoted {} (iteration {it})", sec.node.name),
+            );
+            m.settle(&image);
+        }
         let old = pri.node.clone();
         let new_sec = old.start("secondary", 0);
         sec.wait_link("in_sync", T);
