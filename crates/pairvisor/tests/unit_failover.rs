@@ -712,3 +712,45 @@ fn pms_that_lose_each_other_but_reach_the_witness_never_both_run_the_vm() {
     wait_console(winner, &id, "pv-guest: verify ok 31 32", 60);
     lab(dir.path(), &["down"]);
 }
+
+#[test]
+fn daemon_restart_keeps_the_vm_and_its_disk() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 194);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let id = demo_running_redundant(&mut a);
+    let pid = a.vm("demo").unwrap()["pid"].as_i64().unwrap();
+    // Only the daemon dies (an upgrade, a crash): QEMU runs on, its disk
+    // waits for the NBD export to come back.
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
+            .unwrap();
+    let daemon = st["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "pm-a")
+        .unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    // SAFETY: kill(2) with SIGKILL on the lab daemon's pid; no memory involved.
+    unsafe {
+        libc::kill(daemon as i32, libc::SIGKILL);
+    }
+    until("pm-a daemon gone", 10, || {
+        (!alive(dir.path(), "pm-a")).then_some(())
+    });
+    lab(dir.path(), &["start", "pm-a"]);
+    let vm = until("demo re-attached on pm-a", 60, || {
+        a.vm("demo")
+            .filter(|v| v["pid"].is_number() && v["host"] == "pm-a")
+    });
+    assert_eq!(vm["pid"].as_i64().unwrap(), pid, "the same QEMU process");
+    // The guest's disk works again.
+    a.type_line(&id, "pv write 41 16");
+    wait_console(&a, &id, "pv-guest: write done 41 16", 90);
+    a.type_line(&id, "pv verify 41 16");
+    wait_console(&a, &id, "pv-guest: verify ok 41 16", 60);
+    lab(dir.path(), &["down"]);
+}
