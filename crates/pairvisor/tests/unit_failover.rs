@@ -754,3 +754,53 @@ fn daemon_restart_keeps_the_vm_and_its_disk() {
     wait_console(&a, &id, "pv-guest: verify ok 41 16", 60);
     lab(dir.path(), &["down"]);
 }
+
+#[test]
+fn a_pm_failing_three_times_in_an_hour_is_out_of_service_until_reset() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 196);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    demo_running_redundant(&mut a);
+    let (s, v) = a
+        .call(
+            "PUT",
+            "/vms/demo/placement",
+            Some(json!({"preferred_pm": "pm-a"})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    for failure in 1..=3 {
+        lab(dir.path(), &["kill", "pm-a"]);
+        until("demo taken over by pm-b", 90, || {
+            b.vm("demo")
+                .filter(|v| v["host"] == "pm-b" && v["pid"].is_number())
+        });
+        lab(dir.path(), &["start", "pm-a"]);
+        if failure < 3 {
+            // Back in service: the VM returns to its preferred PM.
+            until("demo back on pm-a", 180, || {
+                a.vm("demo").filter(|v| {
+                    v["host"] == "pm-a" && v["pid"].is_number() && v["state"] == "running"
+                })
+            });
+        }
+    }
+    until("pm-a out of service", 60, || {
+        (pm_state(&mut b, "pm-a")? == "powered off (too many failures)").then_some(())
+    });
+    let alerts = b.get("/alerts").unwrap().to_string();
+    assert!(alerts.contains("out of service"), "{alerts}");
+    // It stays out: the VM does not move back.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(b.vm("demo").unwrap()["host"], "pm-b");
+    // Reset Device (asked on pm-b): back in service, the VM returns.
+    let (s, v) = b.call("POST", "/pms/pm-a/reset-device", None).unwrap();
+    assert_eq!(s, 200, "{v}");
+    until("demo back on pm-a after reset", 180, || {
+        a.vm("demo")
+            .filter(|v| v["host"] == "pm-a" && v["pid"].is_number())
+    });
+    lab(dir.path(), &["down"]);
+}
