@@ -550,6 +550,23 @@ fn without_witness_no_takeover_until_quorum_is_forced() {
     });
     b.type_line(&id, "pv verify 21 64");
     wait_console(&b, &id, "pv-guest: verify ok 21 64", 60);
+
+    // Work On with no partner to take the VM: refused unless confirmed,
+    // then the VM is shut down instead of migrated (U3).
+    let (s, v) = b
+        .call("POST", "/pms/pm-b/work-on", Some(json!({})))
+        .unwrap();
+    assert_eq!(s, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("confirm"), "{v}");
+    assert!(b.vm("demo").unwrap()["pid"].is_number());
+    let (s, v) = b
+        .call("POST", "/pms/pm-b/work-on", Some(json!({"confirm": true})))
+        .unwrap();
+    assert_eq!(s, 202, "{v}");
+    until("pm-b in maintenance with the VM shut down", 180, || {
+        (pm_state(&mut b, "pm-b")? == "running (in maintenance)").then_some(())
+    });
+    assert_eq!(b.vm("demo").unwrap()["state"], "stopped");
     lab(dir.path(), &["down"]);
 }
 
