@@ -15,6 +15,10 @@ export const store = {
   pm: null,
   vms: [],
   alerts: [],
+  /** GET /unit: {name: null} outside a unit. */
+  unit: null,
+  /** GET /pms: both PMs of the unit (empty outside a unit). */
+  pms: [],
   apiPaths: new Set(),
   live: 'connecting',
 };
@@ -43,7 +47,39 @@ const loaders = {
   pm: () => api('GET', '/pm'),
   settings: () => api('GET', '/settings'),
   alerts: () => (store.apiPaths.has('/api/v1/alerts') ? api('GET', '/alerts') : Promise.resolve([])),
+  unit: () => (store.apiPaths.has('/api/v1/unit') ? api('GET', '/unit') : Promise.resolve(null)),
+  pms: () => (inUnit() && store.apiPaths.has('/api/v1/pms') ? api('GET', '/pms') : Promise.resolve([])),
 };
+
+/** Whether this PM is a member of a two-PM unit (the unit APIs apply). */
+export function inUnit() {
+  return Boolean(store.unit && store.unit.name);
+}
+
+/** This PM's name in the unit (else the machine's host name). */
+export function thisPm() {
+  const me = store.pms.find((p) => p.this_pm);
+  if (me) return me.name;
+  if (store.unit && store.unit.node_id && store.unit.pms) {
+    const rec = store.unit.pms.find((p) => p.node_id === store.unit.node_id);
+    if (rec) return rec.name;
+  }
+  return store.pm ? store.pm.hostname : 'this PM';
+}
+
+/** The other PM of the unit, if any. */
+export function partnerPm() {
+  const p = store.pms.find((x) => !x.this_pm);
+  return p ? p.name : null;
+}
+
+/** Reloads what the periodic refresh and the live events keep current. */
+export function refreshAll() {
+  refresh('vms');
+  refresh('pm');
+  refresh('alerts');
+  refresh('unit').then(() => refresh('pms'));
+}
 
 /** Reloads a store key from the API and notifies its subscribers. */
 export async function refresh(key) {
@@ -76,7 +112,7 @@ export function roleNeeded(access) {
  */
 const NAV = [
   { id: 'dashboard', label: 'Dashboard', key: 'd' },
-  { id: 'unit', label: 'Unit', api: '/api/v1/unit' },
+  { id: 'unit', label: 'Unit', api: '/api/v1/unit', page: 'unit', key: 'n' },
   { id: 'pms', label: 'Physical Machines', key: 'p' },
   { id: 'vms', label: 'Virtual Machines', key: 'v' },
   { id: 'volumes', label: 'Volumes', key: 'o' },
@@ -95,6 +131,8 @@ const PAGES = {
   pms: () => import('./pages/pms.js'),
   vms: () => import('./pages/vms.js'),
   vm: () => import('./pages/vm.js'),
+  unit: () => import('./pages/unit.js'),
+  volume: () => import('./pages/volume.js'),
   'vm-new': () => import('./pages/wizard.js'),
   volumes: () => import('./pages/volumes.js'),
   'storage-groups': () => import('./pages/groups.js'),
@@ -113,6 +151,7 @@ function parseRoute() {
   if (!parts.length) return { page: 'dashboard', nav: 'dashboard', params: {}, query };
   if (parts[0] === 'vms' && parts[1] === 'new') return { page: 'vm-new', nav: 'vms', params: {}, query };
   if (parts[0] === 'vms' && parts[1]) return { page: 'vm', nav: 'vms', params: { name: parts[1], tab: parts[2] || 'summary' }, query };
+  if (parts[0] === 'volumes' && parts[1]) return { page: 'volume', nav: 'volumes', params: { name: parts[1] }, query };
   const nav = NAV.find((n) => n.id === parts[0]);
   if (nav && nav.api) return { page: nav.page || 'generic', nav: nav.id, params: { nav }, query };
   if (PAGES[parts[0]]) return { page: parts[0], nav: parts[0], params: {}, query };
@@ -141,7 +180,7 @@ function renderShell() {
     h('header', { class: 'topbar' },
       h('a', { class: 'brand', href: '#/dashboard', 'aria-label': 'Pairvisor dashboard' },
         h('img', { src: '/ui/icon.svg', alt: '', width: 24, height: 24 }), 'Pairvisor'),
-      h('span', { class: 'unit-name', title: 'This physical machine' }, store.pm ? store.pm.hostname : ''),
+      h('span', { class: 'unit-name', title: 'The unit and the physical machine this console talks to' }, unitLabel()),
       h('span', { class: 'spacer' }),
       h('span', { id: 'live', class: `live ${store.live}`, role: 'status', title: 'Live updates (server-sent events)' }, liveLabel()),
       h('span', { class: 'tz', title: 'Times are shown in the unit\'s time zone (Preferences)' },
@@ -156,6 +195,11 @@ function renderShell() {
             n.id === 'alerts' ? h('span', { class: 'nav-count', id: 'nav-alerts-count', hidden: !store.alerts.length }, String(store.alerts.length)) : null))))),
       h('main', { id: 'main', tabindex: '-1' }),
       h('aside', { id: 'help', class: 'help', hidden: !helpOpen, 'aria-label': 'Help' })));
+}
+
+function unitLabel() {
+  if (inUnit()) return `Unit ${store.unit.name} · ${thisPm()}`;
+  return store.pm ? store.pm.hostname : '';
 }
 
 function liveLabel() {
@@ -188,7 +232,7 @@ export function setHelp(key) {
     h('h2', {}, 'About this page'),
     h('p', {}, entry.purpose),
     entry.items ? h('dl', {}, entry.items.map(([t, d]) => [h('dt', {}, t), h('dd', {}, d)])) : null,
-    h('p', { class: 'small muted' }, 'Keys: ? help · g then d/p/v/o/s/c/u/r/a to go to a page · / search.'));
+    h('p', { class: 'small muted' }, 'Keys: ? help · g then d/n/p/v/o/s/c/u/r/a to go to a page · / search.'));
 }
 
 async function route() {
@@ -236,9 +280,7 @@ function scheduleVmRefresh() {
   if (vmTimer) return;
   vmTimer = setTimeout(() => {
     vmTimer = null;
-    refresh('vms');
-    refresh('pm');
-    refresh('alerts');
+    refreshAll();
   }, 50);
 }
 
@@ -250,9 +292,7 @@ function connectLive() {
     setLive('connected');
     if (was === 'reconnecting') {
       // Events may have been missed while disconnected.
-      refresh('vms');
-      refresh('pm');
-      refresh('alerts');
+      refreshAll();
     }
   });
   source.addEventListener('vm', (e) => {
@@ -268,11 +308,7 @@ function connectLive() {
     emit('events');
     scheduleVmRefresh();
   });
-  source.addEventListener('resync', () => {
-    refresh('vms');
-    refresh('pm');
-    refresh('alerts');
-  });
+  source.addEventListener('resync', () => refreshAll());
   source.onerror = () => {
     setLive('reconnecting');
     if (!token()) source.close();
@@ -382,7 +418,8 @@ async function start() {
     refresh('vms'),
   ]);
   store.apiPaths = new Set(Object.keys(doc.paths || {}));
-  await refresh('alerts');
+  await Promise.all([refresh('alerts'), refresh('unit')]);
+  await refresh('pms');
   renderShell();
   connectLive();
   await route();
@@ -416,10 +453,13 @@ on('alerts', () => {
     el.hidden = !store.alerts.length;
   }
 });
-on('pm', () => {
+const updateUnitLabel = () => {
   const el = document.querySelector('.topbar .unit-name');
-  if (el && store.pm) el.textContent = store.pm.hostname;
-});
+  if (el) el.textContent = unitLabel();
+};
+on('pm', updateUnitLabel);
+on('unit', updateUnitLabel);
+on('pms', updateUnitLabel);
 on('settings', () => {
   if (store.user && document.querySelector('.topbar')) {
     const tz = currentTimeZone();
@@ -427,14 +467,10 @@ on('settings', () => {
     if (el) el.textContent = `Times: ${tz.timeZone}${tz.valid ? '' : ' (configured zone unknown to this browser)'}`;
   }
 });
-// Health (instance checks) and resources change without events: refresh
-// the shared views now and then.
+// Health (instance checks), resources, the PMs and VMs the partner runs
+// change without events here: refresh the shared views now and then.
 setInterval(() => {
-  if (store.user && document.visibilityState === 'visible') {
-    refresh('vms');
-    refresh('pm');
-    refresh('alerts');
-  }
+  if (store.user && document.visibilityState === 'visible') refreshAll();
 }, 10000);
 window.addEventListener('unhandledrejection', (e) => {
   if (e.reason instanceof ApiError) toast(e.reason.message, 'error');

@@ -1,11 +1,12 @@
 // Help text of every page: what the page is for and what each state means
-// (taken from the product specification: A1, U2, V1-V8, S5, S6, I1).
+// (taken from the product specification: A1, U2-U7, V1-V8, M1-M4, S2,
+// S5, S6, S9, I1).
 
 export const VM_STATES = [
   ['busy', 'installing', 'The boot volume is being prepared. No operation is possible until it is done.'],
   ['stopped', '', 'No QEMU process. Allowed: start, config, boot from CD, remove, insert/eject CD (export and snapshot come later).'],
   ['booting', '', 'QEMU runs, the guest has not answered its instance check yet. Allowed: console, power off, dump.'],
-  ['running', 'running', 'The guest answered its instance check. Allowed: console, shutdown, power off, dump (migrate needs a second PM).'],
+  ['running', 'running', 'The guest answered its instance check. Allowed: console, shutdown, power off, dump, migrate (in a two-PM unit).'],
   ['alert', 'running', 'Running but not fully redundant (partner down, mirror resyncing, or a network not redundant). Appears with the two-PM unit.'],
   ['stopping', '', 'Guest shutdown (ACPI) in progress; the VM is powered off if it has not stopped after the shutdown timeout. Allowed: power off, remove.'],
   ['crashed', 'restarting', 'The VM crashed (guest panic, QEMU died, watchdog) and is being restarted automatically; an alert is raised.'],
@@ -28,8 +29,20 @@ export const HELP = {
       ['vCPUs', 'One vCPU per hardware thread, 2 threads reserved for the system. Over-provisioning is allowed with a warning; CPU is then shared in proportion to vCPUs.'],
     ],
   },
+  unit: {
+    purpose: 'The unit: its two physical machines with their states and maintenance operations, the heartbeat links between them, quorum and this PM\'s lease, and the unit\'s power. Updated every 2 seconds. Every operation asks for confirmation first and shows the unit\'s reason when it is refused.',
+    items: [
+      ['Work On', 'Moves the PM\'s VMs to its partner by live migration, one at a time, then puts it in maintenance. If the partner cannot take them, the unit asks you to confirm shutting them down instead.'],
+      ['Finalize', 'Returns a PM in maintenance to service; VMs that prefer it move back once their volumes are in sync.'],
+      ['Shut down / Power off', 'Stops a PM in maintenance (Power off: at once, without an orderly shutdown). Refused while the partner resynchronises from it: that would lose data.'],
+      ['Heartbeat links', 'The PMs ping each other on the private and the business link. A round trip above 10 ms is reported (U7): every mirrored write waits for one.'],
+      ['Quorum and lease', 'A PM runs VMs and writes alone only while it holds its lease, granted by a majority of the voters (both PMs and the witness). A PM that loses its majority stops its VMs rather than risk both PMs running them.'],
+      ['Force quorum', 'Shown when this PM has no quorum. After checking which PM holds the newest data (the preview lists this PM\'s replicas), it makes this PM the only voter: it takes over the partner\'s VMs. Only when the partner is really down.'],
+      ['Shut down unit', 'Every VM is shut down, then both PMs stop. The VMs running at shutdown start again when the unit is started.'],
+    ],
+  },
   pms: {
-    purpose: 'The physical machines of the unit and the operations allowed in each state. Today the unit has one PM (this one); the partner, the maintenance workflow (Work On, Finalize, Recover, Replace) and resync progress appear with the two-PM unit.',
+    purpose: 'The physical machines of the unit, their states and the maintenance operations allowed in each (buttons not allowed now say why), with the resources of the PM this console talks to. Outside a unit there is one PM and no maintenance.',
     items: [
       ['booting', 'The PM is starting.'],
       ['running', 'The PM runs VMs and serves the unit.'],
@@ -42,8 +55,12 @@ export const HELP = {
     ],
   },
   vms: {
-    purpose: 'Every virtual machine with its state, activity, current and preferred PM, vCPUs and memory. Open a VM for its details and the operations allowed in its state; a greyed-out button says why it is not allowed now. States change live.',
-    items: vmStateList,
+    purpose: 'Every virtual machine with its state, activity, current and preferred PM, vCPUs and memory. Open a VM for its details and the operations allowed in its state; a greyed-out button says why it is not allowed now. States change live. In a unit, Migrate moves a running VM to the other PM without stopping it.',
+    items: [
+      ['Current PM', 'The PM whose QEMU runs the VM.'],
+      ['Preferred PM', 'Where the VM should run (SPEC L2). When that PM is in service and the VM\'s volumes are in sync, the VM moves there by itself.'],
+      ...vmStateList,
+    ],
   },
   vm: {
     purpose: 'One VM: its summary, volumes, networks, CD drive, statistics and audit, its console (graphical and serial), and the operations allowed in its current state and for your role.',
@@ -57,6 +74,10 @@ export const HELP = {
       ['Boot from CD', 'Starts a stopped VM once from a chosen virtual CD.'],
       ['Config', 'Re-provisions a stopped VM: vCPUs, memory, volumes, networks, MAC addresses. The boot volume cannot be detached or deleted.'],
       ['Remove', 'Deletes the VM and its boot volume; data volumes are kept unless you choose to delete them.'],
+      ['Migrate', 'Live migration to the other PM (SPEC M1): memory is copied while the guest runs, then it pauses briefly (the downtime) and resumes there. "Estimate first" measures the guest\'s dirty rate and says whether it would finish.'],
+      ['Migration panel', 'Follows a migration every second: RAM copied, bandwidth, the rate at which the guest dirties memory, and the verdict. A migration converges when the link sends memory faster than the guest dirties it.'],
+      ['Remedies', 'When a migration does not converge: raise the maximum downtime, throttle the guest (auto-converge), switch to post-copy (always finishes; a link failure meanwhile kills the VM), or pause the VM and finish.'],
+      ['Preferred PM', 'Set on the summary: the VM moves to it when it is in service and the VM\'s volumes are in sync.'],
       ...vmStateList,
     ],
   },
@@ -72,12 +93,24 @@ export const HELP = {
     ],
   },
   volumes: {
-    purpose: 'Every volume with its size, storage group, VM ("none" when unattached) and sync state. Unattached volumes can be removed after confirmation; data volumes of stopped VMs can be detached (data kept) or attached.',
+    purpose: 'Every volume with its size, storage group, VM ("none" when unattached), sync state, primary PM and resync progress. Open a volume for its replica and statistics. Unattached volumes can be removed after confirmation; data volumes of stopped VMs can be detached (data kept) or attached.',
     items: [
-      ['simplex', 'Stored on this PM only: no partner to mirror to yet.'],
-      ['synchronized', 'Mirrored on both PMs (two-PM unit).'],
-      ['resyncing', 'The partner copy is being brought up to date; the VM is in alert until done.'],
+      ['in sync', 'Mirrored: every write is on both PMs before the guest is told it is done.'],
+      ['resyncing N%', 'The partner copy is being brought up to date (progress bar with the time left); the VM is not fully redundant until done.'],
+      ['degraded', 'The primary writes alone (its partner is not connected); a resync follows when the partner is back.'],
+      ['secondary', 'Seen from the PM holding the secondary replica: it receives the primary\'s writes.'],
+      ['split brain', 'Both replicas were written independently; replication waits for a decision on which to keep.'],
+      ['simplex', 'Stored on one PM only: no partner to mirror to.'],
+      ['Primary PM', 'The PM whose replica serves the VM\'s reads and writes (where the VM runs).'],
       ['Allocated', 'Space actually used on disk (volumes are sparse files).'],
+    ],
+  },
+  volume: {
+    purpose: 'One volume: where it lives, its replica on this PM and the link to the partner, resync progress, and statistics (SPEC S9) with the advice on whether a faster sync link would help. Updated every 2 seconds.',
+    items: [
+      ['Dirty regions', 'Regions written since the partner last had them: what a resync copies.'],
+      ['Replication latency', 'From sending a write to the partner until it is durable there: every mirrored write waits this long.'],
+      ['Sync-link advice', 'From the write throughput (below 35 MB/s unlikely, above 50 MB/s likely) and the average write size (below 8 KiB unlikely, above 16 KiB likely); the overall advice is the less optimistic of the two.'],
     ],
   },
   groups: {

@@ -35,6 +35,36 @@ export function mount(el, ...children) {
   return el;
 }
 
+/** A selector finding `el` again after a redraw, or null. */
+function focusKey(el) {
+  if (el.id) return `#${CSS.escape(el.id)}`;
+  for (const attr of ['data-pm-op', 'data-remedy', 'data-op', 'data-action']) {
+    if (el.hasAttribute(attr)) {
+      const scope = el.closest('[data-pm], [data-vm], [data-volume]');
+      const scopeSel = scope ? ['data-pm', 'data-vm', 'data-volume'].filter((a) => scope.hasAttribute(a)).map((a) => `[${a}="${CSS.escape(scope.getAttribute(a))}"] `)[0] : '';
+      return `${scopeSel}[${attr}="${CSS.escape(el.getAttribute(attr))}"]`;
+    }
+  }
+  if (el.tagName === 'A' && el.getAttribute('href')) return `a[href="${CSS.escape(el.getAttribute('href'))}"]`;
+  return null;
+}
+
+/**
+ * Like mount, for views redrawn by polling: the element that had the focus
+ * (a button, a link, a field) has it again afterwards, so that keyboard
+ * users are not thrown out every few seconds.
+ */
+export function remount(el, ...children) {
+  const active = document.activeElement;
+  const key = active && el.contains(active) && active !== el ? focusKey(active) : null;
+  mount(el, ...children);
+  if (key) {
+    const again = el.querySelector(key);
+    if (again) again.focus({ preventScroll: true });
+  }
+  return el;
+}
+
 // ----------------------------------------------------------------- formats
 
 let timeZone = 'UTC';
@@ -95,17 +125,67 @@ export function plural(n, one, many = `${one}s`) {
   return `${n} ${n === 1 ? one : many}`;
 }
 
+/** A rate in bytes/s → "132.2 MB/s" (decimal units, as the API's texts). */
+export function fmtRate(bps) {
+  if (bps === null || bps === undefined || Number.isNaN(bps)) return '—';
+  if (bps >= 1e9) return `${(bps / 1e9).toFixed(2)} GB/s`;
+  if (bps >= 1e6) return `${(bps / 1e6).toFixed(1)} MB/s`;
+  if (bps >= 1e3) return `${(bps / 1e3).toFixed(1)} kB/s`;
+  return `${Math.round(bps)} B/s`;
+}
+
+/** Seconds → "45 s", "3 min 20 s", "1 h 5 min". */
+export function fmtSecs(secs) {
+  if (secs === null || secs === undefined || Number.isNaN(secs)) return '—';
+  const s = Math.max(0, Math.round(secs));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min${s % 60 ? ` ${s % 60} s` : ''}`;
+  return `${Math.floor(s / 3600)} h${Math.floor((s % 3600) / 60) ? ` ${Math.floor((s % 3600) / 60)} min` : ''}`;
+}
+
+/** Milliseconds → "45 ms" or "1.3 s". */
+export function fmtMs(ms) {
+  if (ms === null || ms === undefined || Number.isNaN(ms)) return '—';
+  return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(1)} s`;
+}
+
 // ------------------------------------------------------------------ pieces
 
 const STATE_CLASS = {
   running: 'ok', booting: 'busy', stopping: 'busy', stopped: 'off', busy: 'busy',
   crashed: 'warn', critical: 'bad', dumping: 'busy', alert: 'warn',
+  // PM states (SPEC U2) and the unit's power (U5).
+  'running (in maintenance)': 'warn', evacuating: 'busy', 'off (in maintenance)': 'off',
+  'imaging/recovering': 'busy', broken: 'bad', 'powered off (too many failures)': 'bad',
+  shutting_down: 'busy', off: 'off', unreachable: 'bad',
 };
 
 /** A state badge (SPEC V4 colours). */
 export function stateBadge(state, extra) {
   return h('span', { class: `badge ${STATE_CLASS[state] || 'off'}`, 'data-state': state },
     h('span', { class: 'dot', 'aria-hidden': 'true' }), state, extra ? ` · ${extra}` : null);
+}
+
+/** A volume's sync state (SPEC S2) as a badge. */
+export function syncBadge(sync) {
+  const s = sync || '—';
+  let cls = 'off';
+  if (s === 'in_sync') cls = 'ok';
+  else if (s.startsWith('resyncing') || s === 'connecting' || s.startsWith('secondary (being')) cls = 'busy';
+  else if (s.startsWith('secondary')) cls = 'ok';
+  else if (s === 'degraded' || s === 'not open on this PM') cls = 'warn';
+  else if (s === 'split_brain') cls = 'bad';
+  const label = { in_sync: 'in sync', split_brain: 'split brain' }[s] || s;
+  return h('span', { class: `badge ${cls}`, 'data-sync': s }, h('span', { class: 'dot', 'aria-hidden': 'true' }), label);
+}
+
+/** A progress bar (0..1) with a text label; `id` names the bar for tests. */
+export function progressBar(ratio, label, { id, cls = 'busy' } = {}) {
+  const r = Math.max(0, Math.min(1, Number.isFinite(ratio) ? ratio : 0));
+  return h('div', { class: 'meter-wrap', id: id || null },
+    h('div', { class: 'meter-label' }, label),
+    h('div', { class: `meter progress ${cls}`, role: 'progressbar', 'aria-valuemin': 0, 'aria-valuemax': 100, 'aria-valuenow': Math.round(r * 100), 'aria-label': label },
+      h('div', { class: 'fill', style: { width: `${(r * 100).toFixed(1)}%` } })));
 }
 
 /** A meter: used of total, with a label. */
@@ -137,8 +217,9 @@ export function emptyState(title, text, action) {
  * A table. columns: [{label, value: row => node|string, class, sort: row => key}].
  * Rows with `onOpen` get a keyboard-reachable name link (column `link`).
  */
-export function table({ columns, rows, empty, caption, rowAttrs }) {
+export function table({ columns: cols, rows, empty, caption, rowAttrs }) {
   if (!rows.length) return empty;
+  const columns = cols.filter(Boolean);
   return h('div', { class: 'table-wrap' },
     h('table', {},
       caption ? h('caption', { class: 'sr-only' }, caption) : null,

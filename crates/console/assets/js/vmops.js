@@ -4,7 +4,7 @@
 
 import { api } from './api.js';
 import { h, confirmAction, dialog, field, toast, errorBox, mount } from './ui.js';
-import { can, roleNeeded, navigate, refresh } from './app.js';
+import { can, roleNeeded, navigate, refresh, inUnit } from './app.js';
 
 const enc = encodeURIComponent;
 
@@ -17,14 +17,15 @@ export const OPS = [
   { op: 'boot from CD', label: 'Boot from CD…', access: 'operate' },
   { op: 'reset device', label: 'Reset device', access: 'operate' },
   { op: 'dump', label: 'Dump', access: 'operate' },
-  { op: 'migrate', label: 'Migrate', access: 'operate', unavailable: 'live migration needs the partner PM (two-PM unit)' },
+  { op: 'migrate', label: 'Migrate…', access: 'operate', unavailable: () => (inUnit() ? null : 'live migration needs the partner PM (two-PM unit)') },
   { op: 'config', label: 'Config…', access: 'administer' },
   { op: 'remove', label: 'Remove…', access: 'administer', danger: true },
 ];
 
 /** Why `op` cannot be done on `vm` now, or null when it can. */
 export function whyNot(vm, o) {
-  if (o.unavailable) return o.unavailable;
+  const unavailable = typeof o.unavailable === 'function' ? o.unavailable(vm) : o.unavailable;
+  if (unavailable) return unavailable;
   if (!can(o.access)) return roleNeeded(o.access);
   if (!vm.allowed_operations.includes(o.op)) {
     const allowed = vm.allowed_operations.length ? vm.allowed_operations.join(', ') : 'nothing';
@@ -94,6 +95,17 @@ export async function runOp(vm, o) {
     }
     case 'console':
       return navigate(`#/vms/${enc(vm.name)}/console`);
+    case 'migrate': {
+      const { openMigrate } = await import('./migration.js');
+      const m = await openMigrate(vm);
+      if (m) {
+        toast(`Migration of ${vm.name} started`);
+        // The VM page shows it in its migration panel; elsewhere, go there.
+        const ev = new CustomEvent('pv-migration-started', { detail: { vm: vm.name, view: m }, cancelable: true });
+        if (window.dispatchEvent(ev)) navigate(`#/vms/${enc(vm.name)}?migration=${enc(m.id)}`);
+      }
+      return m;
+    }
     case 'config': {
       const { openConfig } = await import('./pages/config.js');
       return openConfig(vm);

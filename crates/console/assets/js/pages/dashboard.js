@@ -3,7 +3,7 @@
 
 import { api } from '../api.js';
 import { h, mount, stateBadge, meter, fmtMiB, fmtBytes, timeEl, emptyState, plural, pageHeader } from '../ui.js';
-import { store, lastEvents } from '../app.js';
+import { store, lastEvents, inUnit } from '../app.js';
 import { opButtons } from '../vmops.js';
 import { VM_STATES } from '../help.js';
 import { alertList } from './alerts.js';
@@ -48,12 +48,31 @@ export async function render(main, ctx) {
     const counts = {};
     store.vms.forEach((v) => { counts[v.state] = (counts[v.state] || 0) + 1; });
     const simplex = volumes.filter((v) => v.sync === 'simplex').length;
-    mount(grid,
-      h('section', { class: 'card' }, h('h2', {}, 'Unit'),
+    const bySync = {};
+    volumes.forEach((v) => {
+      const k = v.sync.startsWith('resyncing') ? 'resyncing' : v.sync;
+      bySync[k] = (bySync[k] || 0) + 1;
+    });
+    const unit = store.unit;
+    const notRedundant = store.vms.filter((v) => v.redundancy_alert);
+    const unitCard = inUnit()
+      ? h('section', { class: 'card', id: 'dash-unit' }, h('h2', {}, `Unit ${unit.name}`),
+        h('ul', { class: 'state-counts' }, store.pms.map((p) => h('li', { 'data-pm': p.name }, h('a', { href: '#/unit' }, p.name), ' ', stateBadge(p.reachable ? p.state : 'unreachable', p.reachable ? null : 'not heard')))),
+        h('p', { class: 'small' },
+          unit.power && unit.power.power !== 'running' ? h('strong', {}, `Unit ${unit.power.power.replace('_', ' ')}${unit.power.progress ? `: ${unit.power.progress}` : ''}. `) : null,
+          unit.metrics && unit.metrics.leader ? 'Quorum: yes. ' : h('span', { class: 'health bad' }, 'No quorum on this PM. '),
+          ((unit.health && unit.health.links) || []).filter((l) => l.warning).map((l) => h('a', { href: '#/unit', class: 'health bad', title: l.warning }, `Link ${l.name}: round trip ${Math.round(l.rtt_ms)} ms (over 10 ms). `))),
+        h('p', { class: 'small muted' }, notRedundant.length
+          ? `Redundancy: ${notRedundant.map((v) => v.name).join(', ')} not fully redundant.`
+          : 'Redundancy: every running VM has its volumes in sync on both PMs.'),
+        h('a', { href: '#/unit' }, 'Unit and physical machines →'))
+      : h('section', { class: 'card' }, h('h2', {}, 'Unit'),
         h('p', { class: 'big-status' }, stateBadge('running'), ' ', pm ? pm.hostname : '…'),
         h('p', {}, '1 physical machine running; no partner yet (single-PM unit).'),
         h('p', { class: 'small muted' }, 'Redundancy: not redundant — VMs restart nowhere if this PM fails until the partner joins.'),
-        h('a', { href: '#/pms' }, 'Physical machines →')),
+        h('a', { href: '#/pms' }, 'Physical machines →'));
+    mount(grid,
+      unitCard,
       h('section', { class: 'card' }, h('h2', {}, 'Virtual machines'),
         store.vms.length
           ? [h('p', { class: 'big-number' }, String(store.vms.length), h('span', { class: 'small muted' }, ` ${store.vms.length === 1 ? 'VM' : 'VMs'}`)),
@@ -67,9 +86,10 @@ export async function render(main, ctx) {
         ] : '…'),
       h('section', { class: 'card' }, h('h2', {}, 'Storage'),
         groups.map((g) => meter(g.used_bytes, g.capacity_bytes, `${g.name}: ${fmtBytes(g.free_bytes)} free of ${fmtBytes(g.capacity_bytes)}`)),
-        h('p', { class: 'small' }, volumes.length
-          ? `Sync: ${plural(simplex, 'volume')} simplex (single PM, nothing to resync); no resync running.`
-          : 'No volumes yet.'),
+        h('p', { class: 'small' }, !volumes.length ? 'No volumes yet.'
+          : !inUnit() ? `Sync: ${plural(simplex, 'volume')} simplex (single PM, nothing to resync); no resync running.`
+            : `Sync: ${Object.entries(bySync).map(([k, n]) => `${n} ${k.replace('_', ' ')}`).join(', ')}.`),
+        inUnit() ? h('a', { href: '#/volumes' }, 'Volumes →') : null, ' ',
         h('a', { href: '#/storage-groups' }, 'Storage groups →')));
 
     const served = store.apiPaths.has('/api/v1/alerts');
@@ -98,5 +118,6 @@ export async function render(main, ctx) {
   });
   ctx.on('events', draw);
   ctx.on('alerts', draw);
+  ctx.on('pms', draw);
   draw();
 }

@@ -2,10 +2,11 @@
 // volumes, networks, CD drives, statistics, audit. Live.
 
 import { api } from '../api.js';
-import { h, mount, stateBadge, fmtMiB, fmtBytes, timeEl, table, emptyState, errorBox, toast, dialog, field } from '../ui.js';
-import { store, can, roleNeeded, refresh, navigate } from '../app.js';
+import { h, mount, stateBadge, syncBadge, fmtMiB, fmtBytes, timeEl, table, emptyState, errorBox, toast, dialog, field } from '../ui.js';
+import { store, can, roleNeeded, refresh, navigate, inUnit, thisPm } from '../app.js';
 import { opButtons, errorSlot } from '../vmops.js';
-import { guestHealth } from './vms.js';
+import { migrationPanel } from '../migration.js';
+import { guestHealth, hostedElsewhere } from './vms.js';
 
 export const help = 'vm';
 
@@ -60,7 +61,20 @@ export async function render(main, ctx) {
     }
   });
   const panel = h('section', { role: 'tabpanel', id: 'tabpanel', 'aria-labelledby': `tab-${tab}`, tabindex: '0' });
-  mount(main, h('a', { href: '#/vms', class: 'back' }, '← Virtual Machines'), header, errors.el, tabs, panel);
+  // The migration panel (M2): follows a migration of this VM when one runs.
+  const mig = inUnit() ? migrationPanel(name, { showId: ctx.query.get('migration') }) : null;
+  mount(main, h('a', { href: '#/vms', class: 'back' }, '← Virtual Machines'), header, errors.el, mig ? mig.el : null, tabs, panel);
+  if (mig) {
+    mig.poll();
+    ctx.onLeave(() => mig.stop());
+    const started = (e) => {
+      if (e.detail.vm !== name) return;
+      e.preventDefault();
+      mig.start(e.detail.view);
+    };
+    window.addEventListener('pv-migration-started', started);
+    ctx.onLeave(() => window.removeEventListener('pv-migration-started', started));
+  }
 
   const drawHeader = () => {
     mount(header,
@@ -98,9 +112,51 @@ function dl(rows) {
   return h('dl', { class: 'props' }, rows.filter(Boolean).map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)]));
 }
 
+/**
+ * The preferred-PM selector (SPEC L2): PUT /vms/{name}/placement. The
+ * outcome is kept in `note` so that the summary's redraws keep showing it.
+ */
+function placement(vm, note) {
+  const admin = can('administer');
+  const names = store.pms.map((p) => p.name).sort();
+  const sel = h('select', { id: 'vm-preferred', 'aria-label': `Preferred PM of ${vm.name}`, disabled: !admin },
+    h('option', { value: '' }, 'none (automatic)'),
+    names.map((n) => h('option', { value: n, selected: vm.preferred_pm === n }, n)));
+  const msg = h('span', { class: 'small', role: 'status' }, note.node);
+  const show = (node) => {
+    note.node = node;
+    mount(msg, node);
+  };
+  const save = h('button', {
+    type: 'button', class: 'btn small', id: 'vm-preferred-save',
+    'aria-disabled': admin ? null : 'true', title: admin ? null : `Preferred PM: ${roleNeeded('administer')}`,
+    onclick: async () => {
+      if (!admin) {
+        toast(`Preferred PM: ${roleNeeded('administer')}`, 'warn');
+        return;
+      }
+      const want = sel.value || null;
+      try {
+        await api('PUT', `/vms/${enc(vm.name)}/placement`, { preferred_pm: want });
+        show(h('span', { class: 'health ok' }, want
+          ? `Saved: ${vm.name} prefers ${want}${vm.host && vm.host !== want ? `; it moves there by live migration once ${want} runs and its volumes are in sync` : ''}.`
+          : 'Saved: no preferred PM.'));
+        refresh('vms');
+      } catch (e) {
+        show(errorBox(e));
+      }
+    },
+  }, 'Set');
+  return h('div', { class: 'inline placement' }, sel, save, msg);
+}
+
 function summary(panel, get) {
+  const note = { node: null };
   const draw = () => {
     const vm = get();
+    // Keep a preferred PM being chosen (the view redraws on refresh).
+    const chosen = panel.querySelector('#vm-preferred');
+    if (chosen && chosen.value !== (vm.preferred_pm || '') && panel.contains(document.activeElement)) return;
     const hl = vm.health || {};
     const pv = hl.paravirtual || [];
     const running = ['booting', 'running', 'stopping', 'dumping'].includes(vm.state);
@@ -111,12 +167,18 @@ function summary(panel, get) {
         ['Guest type', vm.guest_type],
         ['vCPUs', String(vm.vcpus)],
         ['Memory', fmtMiB(vm.memory_mib)],
-        ['Running on', running ? (store.pm ? store.pm.hostname : 'this PM') : '—'],
-        ['Redundancy', 'simplex: single PM, volumes not mirrored yet'],
+        ['Running on', running ? h('span', { id: 'vm-host' }, vm.host || (store.pm ? store.pm.hostname : 'this PM')) : (vm.host ? h('span', { class: 'muted' }, `— (starts on ${vm.host})`) : '—')],
+        inUnit() ? ['Preferred PM', placement(vm, note)] : null,
+        ['Redundancy', !inUnit() ? 'simplex: single PM, volumes not mirrored yet'
+          : vm.redundancy_alert ? h('span', { class: 'health bad' }, vm.redundancy_alert)
+            : running ? h('span', { class: 'health ok' }, 'redundant: its volumes are in sync on both PMs') : 'volumes mirrored on both PMs'],
         ['Boot', vm.kernel ? `direct kernel ${vm.kernel.kernel}${vm.kernel.initrd ? ` + ${vm.kernel.initrd}` : ''} "${vm.kernel.cmdline}"` : vm.cdrom ? `boot volume, CD ${vm.cdrom} inserted` : 'boot volume'],
         ['Hardware id', h('code', {}, vm.id)],
       ])),
-      h('section', { class: 'card' }, h('h2', {}, 'Health (SPEC V7)'), dl([
+      hostedElsewhere(vm) ? h('section', { class: 'card' }, h('h2', {}, 'Health (SPEC V7)'),
+        h('p', {}, `${vm.name} runs on ${vm.host}: its system and instance checks run there. This console talks to ${thisPm()}, whose API does not report them.`),
+        h('p', { class: 'small muted' }, 'Open the console of the PM running the VM to see its checks; alerts about the VM are raised there.'))
+        : h('section', { class: 'card' }, h('h2', {}, 'Health (SPEC V7)'), dl([
         ['System check', running ? (hl.system_ok ? h('span', { class: 'health ok' }, 'QEMU runs and answers') : h('span', { class: 'health bad' }, 'QEMU does not answer')) : '—'],
         ['Instance check', guestHealth(vm)],
         ['Guest last answered', timeEl(hl.last_answer)],
@@ -262,7 +324,8 @@ async function volumes(panel, get, ctx, errors) {
           { label: 'Size', value: (v) => fmtBytes(v.size_bytes), class: 'num' },
           { label: 'Allocated', value: (v) => fmtBytes(v.allocated_bytes), class: 'num' },
           { label: 'Storage group', value: (v) => v.group },
-          { label: 'Sync', value: (v) => v.sync },
+          { label: 'Sync', value: (v) => syncBadge(v.sync) },
+          inUnit() ? { label: 'Primary PM', value: (v) => v.primary || '—' } : null,
           {
             label: 'Actions',
             value: (v) => (v.boot ? h('span', { class: 'muted small' }, 'the boot volume cannot be detached') : h('button', {

@@ -1,12 +1,33 @@
-// Volumes (SPEC S6): every volume with size, group, VM ("none" when
-// unattached) and sync state. Create, attach, detach, remove unattached.
+// Volumes (SPEC S2, S6): every volume with size, group, VM ("none" when
+// unattached), sync state, primary PM and resync progress with its ETA.
+// Create, attach, detach, remove unattached. Polled (no volume events).
 
 import { api } from '../api.js';
-import { h, mount, table, fmtBytes, emptyState, pageHeader, dialog, field, errorBox, confirmAction, toast } from '../ui.js';
-import { can, roleNeeded, refresh, store } from '../app.js';
+import { h, mount, remount, table, fmtBytes, fmtRate, fmtSecs, emptyState, pageHeader, dialog, field, errorBox, confirmAction, toast, syncBadge, progressBar } from '../ui.js';
+import { can, roleNeeded, refresh, store, inUnit } from '../app.js';
 
 export const help = 'volumes';
 const enc = encodeURIComponent;
+
+/** Resync progress of a volume (SPEC S2) with its ETA, or null. */
+export function resyncProgress(v, { id } = {}) {
+  const r = v.replica && v.replica.resync;
+  if (!r) return null;
+  const ratio = r.total_regions ? r.done_regions / r.total_regions : 0;
+  const eta = r.eta_secs === null || r.eta_secs === undefined ? 'ETA unknown' : `about ${fmtSecs(r.eta_secs)} left`;
+  return progressBar(ratio, `${Math.floor(ratio * 100)}% · ${fmtBytes(r.remaining_bytes)} to copy at ${fmtRate(r.bytes_per_sec)} · ${eta}`, { id });
+}
+
+/** What the sync words mean, for tooltips. */
+export function syncHelp(sync) {
+  if (sync === 'simplex') return 'Stored on one PM only: no partner to mirror to';
+  if (sync === 'in_sync') return 'Mirrored: every write is on both PMs before it is acknowledged';
+  if (sync === 'degraded') return 'The primary writes alone: the partner is not connected; a resync follows when it is back';
+  if (sync === 'split_brain') return 'Both replicas were written independently: a decision is needed before replication resumes';
+  if (sync && sync.startsWith('resyncing')) return 'The partner copy is being brought up to date';
+  if (sync && sync.startsWith('secondary')) return 'This PM holds the secondary replica';
+  return '';
+}
 
 export async function render(main, ctx) {
   const admin = can('administer');
@@ -23,6 +44,25 @@ export async function render(main, ctx) {
     vols = await api('GET', '/volumes');
     draw();
   };
+  // Sync states and resync progress change without events: poll, faster
+  // while a resync runs.
+  let timer = null;
+  let left = false;
+  const poll = async () => {
+    if (left) return;
+    if (document.visibilityState === 'visible') {
+      try {
+        await load();
+      } catch (e) {
+        mount(errSlot, errorBox(e));
+      }
+    }
+    if (!left) timer = setTimeout(poll, vols.some((v) => v.replica && v.replica.resync) ? 1000 : 3000);
+  };
+  ctx.onLeave(() => {
+    left = true;
+    clearTimeout(timer);
+  });
   const act = async (fn) => {
     mount(errSlot);
     try {
@@ -94,16 +134,19 @@ export async function render(main, ctx) {
   function draw() {
     const q = search.value.trim().toLowerCase();
     const rows = vols.filter((v) => !q || [v.name, v.group, v.vm].some((x) => x.toLowerCase().includes(q)));
-    mount(slot, table({
+    remount(slot, table({
       caption: 'Volumes',
+      rowAttrs: (v) => ({ 'data-volume': v.name, 'data-sync': v.sync }),
       columns: [
-        { label: 'Name', value: (v) => h('strong', {}, v.name) },
+        { label: 'Name', value: (v) => h('a', { href: `#/volumes/${enc(v.name)}`, class: 'strong', title: 'Details and statistics' }, v.name) },
         { label: 'Size', value: (v) => fmtBytes(v.size_bytes), class: 'num' },
         { label: 'Allocated', value: (v) => fmtBytes(v.allocated_bytes), class: 'num' },
         { label: 'Storage group', value: (v) => v.group },
         { label: 'VM', value: (v) => (v.vm === 'none' ? h('span', { class: 'muted' }, 'none') : h('a', { href: `#/vms/${enc(v.vm)}/volumes` }, v.vm)) },
         { label: 'Role', value: (v) => (v.vm === 'none' ? '—' : v.boot ? 'boot' : 'data') },
-        { label: 'Sync', value: (v) => h('span', { title: v.sync === 'simplex' ? 'Stored on this PM only: no partner to mirror to yet' : '' }, v.sync) },
+        { label: 'Sync', value: (v) => h('span', { title: syncHelp(v.sync) }, syncBadge(v.sync)) },
+        inUnit() ? { label: 'Primary PM', value: (v) => v.primary || h('span', { class: 'muted' }, '—') } : null,
+        inUnit() ? { label: 'Resync', value: (v) => resyncProgress(v) || h('span', { class: 'muted' }, '—') } : null,
         { label: 'Actions', value: actions },
       ],
       rows,
@@ -113,4 +156,5 @@ export async function render(main, ctx) {
   search.addEventListener('input', draw);
   ctx.on('vms', draw);
   await load();
+  timer = setTimeout(poll, 3000);
 }
