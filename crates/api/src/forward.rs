@@ -22,10 +22,9 @@ fn vm_of(method: &Method, path: &str) -> Option<String> {
         Some((n, s)) => (n, Some(s)),
         None => (rest, None),
     };
-    // GET /vms/{name} is answered from the replicated record anywhere.
-    if sub.is_none() && method == Method::GET {
-        return None;
-    }
+    // GET /vms/{name} goes to the host too (the guest's health is known
+    // there), falling back to the local record when the host is down.
+    let _ = (sub, method);
     (!name.is_empty()).then(|| name.to_string())
 }
 
@@ -108,7 +107,15 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
             )
         }
     };
-    let client = reqwest::Client::new();
+    // Short connect timeout: a host that is down (or cut off) must not hold
+    // a read that can be answered here.
+    let client = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(
+            if parts.method == Method::GET { 5 } else { 120 },
+        ))
+        .build()
+        .unwrap_or_default();
     let mut rb = client
         .request(parts.method.clone(), &url)
         .header(
@@ -124,6 +131,11 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
     }
     let resp = match rb.send().await {
         Ok(r) => r,
+        // A read answers locally when the host does not (the record is
+        // replicated; only live details are missing).
+        Err(_) if parts.method == Method::GET => {
+            return (Request::from_parts(parts, Body::empty()), None);
+        }
         Err(e) => {
             let err = crate::error::ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -159,7 +171,7 @@ mod tests {
 
     #[test]
     fn which_requests_need_the_host() {
-        assert_eq!(vm_of(&Method::GET, "/api/v1/vms/web"), None);
+        assert_eq!(vm_of(&Method::GET, "/api/v1/vms/web"), Some("web".into()));
         assert_eq!(
             vm_of(&Method::DELETE, "/api/v1/vms/web"),
             Some("web".into())

@@ -173,13 +173,18 @@ async fn preview(st: &AppState) -> ApiResult<ForceQuorumPreview> {
         .db()
         .await
         .ok_or_else(|| unit_err(pairvisor_unit::UnitError::NotMember))?;
-    let m = db.metrics();
+    // A leader that lost its followers may still name itself leader for a
+    // while: ask for a linearizable read (a majority must answer) instead.
+    let has_quorum = matches!(
+        tokio::time::timeout(std::time::Duration::from_millis(1500), db.linearizable()).await,
+        Ok(Ok(_))
+    );
     let health = svc.health().await;
     let me = svc.pm().map(|p| p.name.clone()).unwrap_or_default();
     let holds_lease = st.agent.holds_lease();
     Ok(ForceQuorumPreview {
         pm: me.clone(),
-        has_quorum: m.leader.is_some(),
+        has_quorum,
         holds_lease,
         partner_silent_ms: health.and_then(|h| h.partner_silent_ms),
         replicas: st.agent.replica_report()?,
@@ -247,6 +252,11 @@ fn maint_err(e: pairvisor_orchestrator::maintenance::MaintenanceError) -> ApiErr
     use pairvisor_orchestrator::maintenance::MaintenanceError as M;
     match e {
         M::Agent(a) => a.into(),
+        M::Refused(r @ pairvisor_model::pm::PmRefusal::NeedsConfirmation { .. }) => ApiError::new(
+            axum::http::StatusCode::CONFLICT,
+            "confirmation_required",
+            r.to_string(),
+        ),
         M::Refused(r) => ApiError::new(axum::http::StatusCode::CONFLICT, "refused", r.to_string()),
         M::Other(m) => ApiError::new(axum::http::StatusCode::CONFLICT, "conflict", m),
     }
