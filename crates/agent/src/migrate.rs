@@ -340,6 +340,7 @@ impl Agent {
             resumed_at_ms: None,
             qemu_downtime_ms: None,
             completed_at_ms: None,
+            guest_paused_at_ms: None,
             total_ms: None,
         };
         self.put_migration(&mrec)?;
@@ -695,6 +696,16 @@ impl Agent {
             }
             Remedy::PauseAndFinish => {
                 crate::bounded("stop", q.stop()).await?;
+                let at = now_ms();
+                self.store().write(|tx| {
+                    if let Some(mut r) = tx.get::<MigrationRecord>(vm)? {
+                        if r.id == m.id {
+                            r.guest_paused_at_ms = Some(at);
+                            tx.put(&r)?;
+                        }
+                    }
+                    Ok::<_, AgentError>(())
+                })?;
             }
         }
         info!(vm, remedy = ?req.remedy, "migration remedy applied");

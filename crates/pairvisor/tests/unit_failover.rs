@@ -492,6 +492,11 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     assert_eq!(s, 200, "{v}");
     let m = migration_done(&mut b, "demo", 300);
     assert_eq!(m["phase"], "done", "{m:#}");
+    // Paused by the remedy: the downtime counts from that pause.
+    assert!(
+        m["downtime_ms"].as_u64().unwrap() > m["qemu_downtime_ms"].as_u64().unwrap(),
+        "{m:#}"
+    );
     until("demo back on pm-a", 30, || {
         a.vm("demo")
             .filter(|v| v["host"] == "pm-a" && v["pid"].is_number())

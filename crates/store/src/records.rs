@@ -411,6 +411,10 @@ pub struct MigrationRecord {
     /// Wall-clock ms when the source saw the migration completed.
     #[serde(default)]
     pub completed_at_ms: Option<u64>,
+    /// Wall-clock ms when the administrator paused the guest to finish
+    /// (M3 remedy): the guest is down from then on, not only at switch-over.
+    #[serde(default)]
+    pub guest_paused_at_ms: Option<u64>,
     /// Total time, ms, once done.
     #[serde(default)]
     pub total_ms: Option<u64>,
@@ -433,6 +437,9 @@ impl MigrationRecord {
     /// until the last state was sent, which includes the disk hand-over)
     /// plus the time the destination took to resume after that.
     pub fn downtime_ms(&self) -> Option<u64> {
+        if let Some(p) = self.guest_paused_at_ms {
+            return Some(self.resumed_at_ms?.saturating_sub(p));
+        }
         let tail = self
             .resumed_at_ms?
             .saturating_sub(self.completed_at_ms.unwrap_or(self.resumed_at_ms?));
