@@ -407,7 +407,7 @@ pub async fn up_with(opts: UpOptions, witness: bool) -> Result<LabState, LabErro
                 .map_err(|e| LabError::Io(format!("guest directory {}: {e}", g.display())))?;
             let body = json!({
                 "name": "demo", "vcpus": 1, "memory_mib": 256,
-                "boot_volume": {"size_bytes": 256 << 20},
+                "boot_volume": {"size_bytes": 64 << 20},
                 "kernel": {"kernel": g.join("vmlinuz"), "initrd": g.join("initrd.img"),
                            "cmdline": "console=ttyS0 panic=0 quiet"},
             });
