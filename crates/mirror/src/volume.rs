@@ -19,11 +19,11 @@
 //!    without the lease.
 
 use crate::genid::{GenIds, Relation};
-use crate::locks::RegionLocks;
+use crate::locks::{RegionLocks, SharedGuard};
 use crate::nbd::proto::{EINVAL, EIO, ENOSPC, EPERM};
 use crate::ratelimit::{self, TokenBucket};
 use crate::region::{self, Bits};
-use crate::repl::link::PeerLink;
+use crate::repl::link::{PeerLink, PendingReply};
 use crate::repl::proto::*;
 use crate::replica::{self, fresh_gen, Decision, Replica, ReplicaError};
 use pairvisor_model::sync_advice::{self, SyncLinkAdvice};
@@ -34,8 +34,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify, Semaphore};
-use tokio::task::AbortHandle;
+use tokio::sync::{mpsc, Notify, OwnedRwLockReadGuard, RwLock as AsyncRwLock, Semaphore};
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// An I/O failure reported to an NBD client, with its errno.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -347,6 +347,11 @@ pub struct Volume {
     stats: Stats,
     may_degrade: RwLock<DegradedPredicate>,
     rotate_lock: tokio::sync::Mutex<()>,
+    /// Secondary: every frame being applied holds it shared; a new primary
+    /// connection takes it exclusively once before it applies anything, so
+    /// that no write of an older connection lands after the new one's
+    /// (resync) writes.
+    frame_gate: Arc<AsyncRwLock<()>>,
     size: u64,
     region_size: u64,
 }
@@ -413,6 +418,7 @@ impl Volume {
             stats: Stats::default(),
             may_degrade: RwLock::new(Arc::new(|| true)),
             rotate_lock: tokio::sync::Mutex::new(()),
+            frame_gate: Arc::new(AsyncRwLock::new(())),
             size,
             region_size,
         });
@@ -555,6 +561,56 @@ impl Volume {
         self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
         self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Starts a write of `len` bytes at `offset` whose data will arrive in
+    /// chunks, replicated as it arrives (cut-through). Does up front what
+    /// [`Volume::write`] does before it needs the data: checks the role and
+    /// the range, waits for the byte range and shares its regions, makes
+    /// the dirty-bitmap mark durable, and picks the link. The caller then
+    /// hands over the data with [`StreamedWrite::push`] and completes with
+    /// [`StreamedWrite::finish`], which returns when [`Volume::write`]
+    /// would. See [`StreamedWrite`] for a write dropped before it finished.
+    pub async fn begin_write(
+        self: &Arc<Self>,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<StreamedWrite, IoError> {
+        self.check_primary()?;
+        if !region::in_bounds(offset, len, self.size) {
+            return Err(IoError::new(ENOSPC, "write beyond the end of the volume"));
+        }
+        if len == 0 {
+            return Err(IoError::new(EINVAL, "a streamed write needs data"));
+        }
+        let regions = region::regions_for(offset, len, self.region_size);
+        let guard = self
+            .locks
+            .shared(regions.clone(), offset, offset + len)
+            .await;
+        // As in `modify`: the mark is durable before any byte reaches disk,
+        // and the link is taken after the mark.
+        let rs = regions.clone();
+        self.blocking(move |r| r.mark_dirty(rs)).await?;
+        self.locks.touch(regions);
+        Ok(StreamedWrite {
+            vol: self.clone(),
+            guard: Arc::new(guard),
+            offset,
+            len,
+            pushed: 0,
+            durable: fua || self.opts.durability == Durability::EveryWrite,
+            link: self.active_link(),
+            started: None,
+            chunks: Vec::new(),
+            local: Vec::new(),
+            remote: Vec::new(),
+            remote_failed: None,
+            sending: false,
+            finishing: false,
+            done: false,
+        })
     }
 
     /// Makes a range read as zeroes (WRITE_ZEROES and TRIM).
@@ -1136,7 +1192,9 @@ impl Volume {
         let mut greet = [0u8; 12];
         rd.read_exact(&mut greet).await.map_err(io)?;
         if &greet[0..8] != GREETING || greet[8..12] != VERSION.to_be_bytes() {
-            return Err("partner does not speak pv-mirror protocol version 1".into());
+            return Err(format!(
+                "partner does not speak pv-mirror protocol version {VERSION}"
+            ));
         }
         let mut ns = [0u8; 32];
         rd.read_exact(&mut ns).await.map_err(io)?;
@@ -1451,16 +1509,19 @@ impl Volume {
         let hs = tokio::time::timeout(t * 2, self.server_handshake(&mut rd, &mut wr))
             .await
             .map_err(|_| "handshake timed out".to_string())??;
-        let Some((epoch, resync)) = hs else {
+        let Some((epoch, _resync)) = hs else {
             return Ok(());
         };
         // Register as the one primary connection, replacing an older one.
         let (tx_abort, rx_abort) = tokio::sync::oneshot::channel::<()>();
+        let (tx_id, rx_id) = tokio::sync::oneshot::channel::<u64>();
         let me = self.clone();
-        let peer2 = peer.clone();
         let task = tokio::spawn(async move {
             let _keep = tx_abort;
-            me.serve_frames(rd, wr, epoch, resync, peer2).await
+            let conn = rx_id
+                .await
+                .map_err(|_| "connection was not registered".to_string())?;
+            me.serve_frames(rd, wr, epoch, conn).await
         });
         let id = {
             let mut st = self.lock();
@@ -1480,6 +1541,7 @@ impl Volume {
             };
             id
         };
+        let _ = tx_id.send(id);
         self.changed.notify_waiters();
         let _ = rx_abort.await;
         let res = match task.await {
@@ -1607,14 +1669,23 @@ impl Volume {
         Ok(Some((hello.epoch, plan.resync)))
     }
 
+    /// The id of the registered primary connection, if any.
+    fn current_incoming(&self) -> Option<u64> {
+        self.lock().incoming.as_ref().map(|(id, _)| *id)
+    }
+
     async fn serve_frames(
         self: Arc<Self>,
         mut rd: tokio::net::tcp::OwnedReadHalf,
         wr: tokio::net::tcp::OwnedWriteHalf,
         epoch: u64,
-        _resync: bool,
-        _peer: String,
+        conn: u64,
     ) -> Result<(), String> {
+        // Writes of an older connection may still be running (their tasks
+        // outlive it): let them finish before this primary's frames, which
+        // start with a resync of exactly those regions. Frames of the older
+        // connection that start later see that it is no longer current.
+        drop(self.frame_gate.write().await);
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(1024);
         let writer = tokio::spawn(async move {
             let mut wr = BufWriter::new(wr);
@@ -1652,6 +1723,17 @@ impl Volume {
             if self.role() != Role::Secondary || self.replica.meta().epoch != epoch {
                 return Err("a newer primary took over; closing".into());
             }
+            if f.flags & F_PART != 0 {
+                // A non-final chunk of a streamed write is applied before
+                // the next frame is read: when the final chunk syncs, every
+                // earlier chunk is already written.
+                let gate = self.frame_gate.clone().read_owned().await;
+                let reply = self.apply_frame(f, payload, gate, conn).await;
+                tx.send(reply)
+                    .await
+                    .map_err(|_| "reply writer closed".to_string())?;
+                continue;
+            }
             let permit = slots
                 .clone()
                 .acquire_owned()
@@ -1660,28 +1742,64 @@ impl Volume {
             let me = self.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let (status, body) = match me.execute_frame(f, payload).await {
-                    Ok(b) => (0, b),
-                    Err(e) => (e.errno, e.message.into_bytes()),
-                };
-                let mut out = Frame {
-                    kind: K_REPLY,
-                    flags: 0,
-                    id: f.id,
-                    offset: f.offset,
-                    len: body.len() as u32,
-                    aux: status,
-                }
-                .encode()
-                .to_vec();
-                out.extend_from_slice(&body);
-                let _ = tx.send(out).await;
+                let gate = me.frame_gate.clone().read_owned().await;
+                let reply = me.apply_frame(f, payload, gate, conn).await;
+                let _ = tx.send(reply).await;
                 drop(permit);
             });
         }
     }
 
-    async fn execute_frame(&self, f: Frame, payload: Vec<u8>) -> Result<Vec<u8>, IoError> {
+    /// Applies one frame of connection `conn`, unless a newer connection
+    /// took over, and encodes the reply.
+    async fn apply_frame(
+        &self,
+        f: Frame,
+        payload: Vec<u8>,
+        gate: OwnedRwLockReadGuard<()>,
+        conn: u64,
+    ) -> Vec<u8> {
+        let res = if self.current_incoming() == Some(conn) {
+            self.execute_frame(f, payload, gate).await
+        } else {
+            Err(IoError::new(EIO, "a newer primary connection took over"))
+        };
+        let (status, body) = match res {
+            Ok(b) => (0, b),
+            Err(e) => (e.errno, e.message.into_bytes()),
+        };
+        let mut out = Frame {
+            kind: K_REPLY,
+            flags: 0,
+            id: f.id,
+            offset: f.offset,
+            len: body.len() as u32,
+            aux: status,
+        }
+        .encode()
+        .to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Executes a request frame. `gate` is held until the storage work is
+    /// done (moved into the blocking task, which outlives a cancelled
+    /// caller).
+    async fn execute_frame(
+        &self,
+        f: Frame,
+        payload: Vec<u8>,
+        gate: OwnedRwLockReadGuard<()>,
+    ) -> Result<Vec<u8>, IoError> {
+        if f.flags & !F_KNOWN != 0 {
+            return Err(IoError::new(
+                EINVAL,
+                format!("unknown frame flags {:#x}", f.flags),
+            ));
+        }
+        if f.flags & F_PART != 0 && f.kind != K_WRITE {
+            return Err(IoError::new(EINVAL, "PART is only valid on WRITE"));
+        }
         let durable = f.flags & F_DURABLE != 0;
         match f.kind {
             K_WRITE => {
@@ -1690,6 +1808,7 @@ impl Volume {
                 }
                 let off = f.offset;
                 self.blocking(move |r| {
+                    let _gate = gate;
                     r.write_at(&payload, off)?;
                     if durable {
                         r.sync_data()?;
@@ -1704,6 +1823,7 @@ impl Volume {
                     return Err(IoError::new(EINVAL, "range outside the volume"));
                 }
                 self.blocking(move |r| {
+                    let _gate = gate;
                     r.write_zeroes(off, len)?;
                     if durable {
                         r.sync_data()?;
@@ -1712,7 +1832,13 @@ impl Volume {
                 })
                 .await
             }
-            K_FLUSH => self.blocking(|r| r.sync_data().map(|_| Vec::new())).await,
+            K_FLUSH => {
+                self.blocking(move |r| {
+                    let _gate = gate;
+                    r.sync_data().map(|_| Vec::new())
+                })
+                .await
+            }
             K_PING => Ok(Vec::new()),
             K_VERIFY => {
                 let idx = f.offset;
@@ -1731,6 +1857,7 @@ impl Volume {
                     return Err(IoError::new(EINVAL, "generation 0 is reserved"));
                 }
                 self.blocking(move |r| {
+                    let _gate = gate;
                     r.sync_data()?;
                     r.update_meta(|m| {
                         m.gen.resync_finished_as_target(cur);
@@ -1747,5 +1874,321 @@ impl Volume {
                 format!("unknown frame kind {}", f.kind),
             )),
         }
+    }
+}
+
+/// A write whose data arrives in chunks and is replicated as it arrives
+/// (cut-through), started with [`Volume::begin_write`].
+///
+/// Each chunk is queued on the replication link at once as its own `WRITE`
+/// frame (all but the last with `PART`; the last with `DURABLE` when the
+/// write must be durable) and written locally at once, without sync.
+/// [`StreamedWrite::finish`] waits for every local write, syncs, and
+/// collects the partner's replies. The chunks are kept until then: if the
+/// partner did not confirm every one, the whole write takes the degraded
+/// path of [`Volume::write`] (resent over a new link, or acknowledged
+/// degraded, or held).
+///
+/// Dropped before `finish` (the NBD client went away mid-payload), the
+/// write is *abandoned* with some chunks on one replica or on both. The
+/// activity-log cleaner would later clear the region's mark as "in sync",
+/// so a task settles it first, still holding the region: it waits for
+/// every local write and partner reply, makes the chunks durable on both
+/// sides when the write had to be durable, and, if anything failed (or
+/// what reached the partner is unknown), breaks the link — the reconnection
+/// resyncs every marked region. If everything succeeded, both replicas hold
+/// the same bytes and the link stays up.
+pub struct StreamedWrite {
+    vol: Arc<Volume>,
+    /// Shared with each local write task: the region stays locked until the
+    /// last local write ended, even if this value is dropped first.
+    guard: Arc<SharedGuard>,
+    offset: u64,
+    len: u64,
+    pushed: u64,
+    durable: bool,
+    link: Option<Arc<PeerLink>>,
+    /// When the first chunk was sent to the partner.
+    started: Option<Instant>,
+    chunks: Vec<Arc<Vec<u8>>>,
+    local: Vec<JoinHandle<replica::Result<()>>>,
+    remote: Vec<PendingReply>,
+    /// Why a chunk could not be sent; later chunks are not sent.
+    remote_failed: Option<String>,
+    /// A chunk is being queued: whether it reached the link is unknown.
+    sending: bool,
+    /// `finish` took the pending work: a drop from now on cannot settle.
+    finishing: bool,
+    done: bool,
+}
+
+impl std::fmt::Debug for StreamedWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedWrite")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .field("pushed", &self.pushed)
+            .finish()
+    }
+}
+
+impl StreamedWrite {
+    /// Bytes handed over so far.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Hands over the next chunk of data: queues it to the partner and
+    /// starts writing it locally, without waiting for either.
+    pub async fn push(&mut self, chunk: Vec<u8>) -> Result<(), IoError> {
+        let n = chunk.len() as u64;
+        if n == 0 || n > self.len - self.pushed {
+            return Err(IoError::new(
+                EINVAL,
+                "chunk is empty or beyond the write's length",
+            ));
+        }
+        let off = self.offset + self.pushed;
+        self.pushed += n;
+        let last = self.pushed == self.len;
+        let data = Arc::new(chunk);
+        let (r, held, d) = (self.vol.replica.clone(), self.guard.clone(), data.clone());
+        self.local.push(tokio::task::spawn_blocking(move || {
+            let _held = held;
+            r.write_at(&d, off)
+        }));
+        self.chunks.push(data.clone());
+        if let (Some(link), None) = (&self.link, &self.remote_failed) {
+            let flags = if last {
+                durable_flag(self.durable)
+            } else {
+                F_PART
+            };
+            self.started.get_or_insert_with(Instant::now);
+            self.sending = true;
+            let res = link.send_shared(K_WRITE, flags, off, data).await;
+            self.sending = false;
+            match res {
+                Ok(p) => self.remote.push(p),
+                Err(e) => self.remote_failed = Some(e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the write once all its data was pushed: returns when it is
+    /// durable on both replicas (written, with `on-flush` and no FUA), or
+    /// acknowledged the degraded way, exactly like [`Volume::write`].
+    pub async fn finish(mut self) -> Result<(), IoError> {
+        if self.pushed != self.len {
+            return Err(IoError::new(
+                EIO,
+                "streamed write finished before all its data arrived",
+            ));
+        }
+        self.finishing = true;
+        let vol = self.vol.clone();
+        let durable = self.durable;
+        let local = std::mem::take(&mut self.local);
+        let local = async {
+            let mut res = Ok(());
+            for h in local {
+                let r = match h.await {
+                    Ok(r) => r.map_err(IoError::from),
+                    Err(_) => Err(IoError::new(EIO, "storage task failed")),
+                };
+                res = res.and(r);
+            }
+            res?;
+            if durable {
+                vol.blocking(|r| r.sync_data()).await?;
+            }
+            Ok::<(), IoError>(())
+        };
+        let (lres, rres) = tokio::join!(local, wait_replies(std::mem::take(&mut self.remote)));
+        self.done = true;
+        let why = self.remote_failed.take().or(rres.err());
+        if let (Some(why), Some(l)) = (&why, &self.link) {
+            vol.link_lost(l, why);
+        }
+        lres?;
+        match (why, &self.link) {
+            (None, Some(_)) => {
+                if let Some(t) = self.started {
+                    vol.note_replication(t.elapsed());
+                }
+            }
+            _ => {
+                let data = if self.chunks.len() == 1 {
+                    self.chunks[0].clone()
+                } else {
+                    let mut v = Vec::with_capacity(self.len as usize);
+                    for c in &self.chunks {
+                        v.extend_from_slice(c);
+                    }
+                    Arc::new(v)
+                };
+                let op = Op::Write {
+                    offset: self.offset,
+                    data,
+                };
+                vol.degraded_ack(op).await?;
+            }
+        }
+        vol.stats.write_ops.fetch_add(1, Ordering::Relaxed);
+        vol.stats.write_bytes.fetch_add(self.len, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for StreamedWrite {
+    fn drop(&mut self) {
+        if self.done || self.pushed == 0 {
+            return;
+        }
+        let runtime = tokio::runtime::Handle::try_current();
+        if self.finishing || self.sending || runtime.is_err() {
+            // What reached the partner is unknown: resync.
+            if let Some(l) = &self.link {
+                self.vol
+                    .link_lost(l, "streamed write interrupted; resyncing marked regions");
+            }
+            return;
+        }
+        let settle = settle_abandoned(
+            self.vol.clone(),
+            self.guard.clone(),
+            self.link.take(),
+            std::mem::take(&mut self.local),
+            std::mem::take(&mut self.remote),
+            self.remote_failed.take(),
+            self.durable,
+        );
+        if let Ok(rt) = runtime {
+            rt.spawn(settle);
+        }
+    }
+}
+
+/// Waits for every reply; the first failure, described.
+async fn wait_replies(pending: Vec<PendingReply>) -> Result<(), String> {
+    for p in pending {
+        match p.wait().await {
+            Ok(rep) if rep.status == 0 => {}
+            Ok(rep) => {
+                return Err(format!(
+                    "partner failed the request with errno {}: {}",
+                    rep.status,
+                    String::from_utf8_lossy(&rep.payload)
+                ))
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// Settles a streamed write abandoned mid-payload (see [`StreamedWrite`]):
+/// keeps its region locked until both replicas are known to hold the same
+/// bytes — durable, if the write had to be — or breaks the link.
+async fn settle_abandoned(
+    vol: Arc<Volume>,
+    guard: Arc<SharedGuard>,
+    link: Option<Arc<PeerLink>>,
+    local: Vec<JoinHandle<replica::Result<()>>>,
+    remote: Vec<PendingReply>,
+    failed: Option<String>,
+    durable: bool,
+) {
+    let _held = guard;
+    let mut local_ok = true;
+    for h in local {
+        local_ok &= matches!(h.await, Ok(Ok(())));
+    }
+    if durable && local_ok {
+        local_ok = vol.blocking(|r| r.sync_data()).await.is_ok();
+    }
+    // Without a link the region stays marked until the next resync.
+    let Some(link) = link else { return };
+    let mut why = match failed {
+        Some(w) => Some(w),
+        None => wait_replies(remote).await.err(),
+    };
+    if why.is_none() && !local_ok {
+        why = Some("local write failed".into());
+    }
+    if why.is_none() && durable {
+        // The chunks went without DURABLE: the final one never came.
+        match link.request(K_FLUSH, 0, 0, 0, &[]).await {
+            Ok(rep) if rep.status == 0 => {}
+            Ok(rep) => why = Some(format!("partner flush failed: errno {}", rep.status)),
+            Err(e) => why = Some(e.to_string()),
+        }
+    }
+    match why {
+        Some(why) => vol.link_lost(
+            &link,
+            &format!("write abandoned mid-stream, replicas may differ ({why}); resyncing"),
+        ),
+        None => tracing::debug!("write abandoned mid-stream: both replicas hold the same chunks"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replica::CreateOptions;
+
+    fn simplex(dir: &std::path::Path) -> Arc<Volume> {
+        let r = Replica::create(
+            dir,
+            &CreateOptions {
+                volume_id: "v".into(),
+                size: 8 << 20,
+                region_size: 1 << 20,
+                initial_gen: Some(1),
+            },
+        )
+        .unwrap();
+        Volume::start(r, VolumeOptions::default())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_write_without_partner() {
+        let d = tempfile::tempdir().unwrap();
+        let v = simplex(d.path());
+        // Not primary yet: refused before any data is read.
+        assert_eq!(
+            v.begin_write(0, 4096, false).await.unwrap_err().errno,
+            EPERM
+        );
+        v.promote(1, false).await.unwrap();
+        assert_eq!(
+            v.begin_write(8 << 20, 1, false).await.unwrap_err().errno,
+            ENOSPC
+        );
+        assert_eq!(v.begin_write(0, 0, false).await.unwrap_err().errno, EINVAL);
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut w = v.begin_write(100, data.len() as u64, false).await.unwrap();
+        for c in data.chunks(1 << 20) {
+            w.push(c.to_vec()).await.unwrap();
+        }
+        assert_eq!(w.push(vec![1]).await.unwrap_err().errno, EINVAL);
+        w.finish().await.unwrap();
+        assert_eq!(v.read(100, data.len() as u32).await.unwrap(), data);
+        assert_eq!(v.status().stats.write_ops, 1);
+        assert_eq!(v.status().stats.write_bytes, data.len() as u64);
+        // Abandoned after one chunk: the chunk may be there, the range is
+        // released, and a later write to it goes through.
+        let mut w = v.begin_write(0, 2 << 20, true).await.unwrap();
+        w.push(vec![7u8; 1 << 20]).await.unwrap();
+        drop(w);
+        let w = v.begin_write(0, 2 << 20, true).await.unwrap();
+        assert_eq!(w.finish().await.unwrap_err().errno, EIO, "incomplete");
+        tokio::time::timeout(Duration::from_secs(5), v.write(0, vec![9u8; 4096], true))
+            .await
+            .expect("range released")
+            .unwrap();
+        assert_eq!(v.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
     }
 }

@@ -1,7 +1,8 @@
 //! Crash-safety harness (SPEC S3).
 //!
 //! Writers put a known pattern through NBD (FUA and plain writes, several in
-//! flight) and record every acknowledged write. The harness SIGKILLs the
+//! flight; 4 KiB writes, and writes of up to 1 MiB that take the streamed,
+//! cut-through path) and record every acknowledged write. The harness SIGKILLs the
 //! primary process, or the secondary, or cuts the replication link, at
 //! random moments, many times. After promotion/reconnection and resync,
 //! every acknowledged write must be on every replica declared in sync, and
@@ -25,6 +26,15 @@ const BLOCK: usize = 4096;
 const BLOCKS: u64 = 2048; // 8 MiB of a 16 MiB volume
 const SIZE: u64 = 16 << 20;
 const WORKERS: u64 = 8;
+/// Workers that write single blocks, interleaved over the first
+/// `SMALL_BLOCKS` blocks; the others write runs of blocks (streamed writes)
+/// in a range of `LARGE_SPAN` blocks each, after those.
+const SMALL_WORKERS: u64 = 6;
+const SMALL_BLOCKS: u64 = 1024;
+const LARGE_SPAN: u64 = (BLOCKS - SMALL_BLOCKS) / (WORKERS - SMALL_WORKERS);
+/// Runs of 64 to 256 blocks: 256 KiB (the streaming threshold) to 1 MiB.
+const LARGE_MIN: u64 = 64;
+const LARGE_MAX: u64 = 256;
 const T: Duration = Duration::from_secs(60);
 
 fn seeds() -> Vec<u64> {
@@ -65,6 +75,8 @@ struct Model {
     acked: Vec<u64>,
     inflight: Vec<u64>,
     acks: u64,
+    /// Acknowledged writes of several blocks (streamed).
+    large_acks: u64,
 }
 
 impl Model {
@@ -73,6 +85,7 @@ impl Model {
             acked: vec![0; BLOCKS as usize],
             inflight: vec![0; BLOCKS as usize],
             acks: 0,
+            large_acks: 0,
         }
     }
 
@@ -144,21 +157,43 @@ fn spawn_writers(
                 let mut rng = StdRng::seed_from_u64(seed ^ (w << 32) ^ version_base);
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
-                    let b = rng.random_range(0..BLOCKS / WORKERS) * WORKERS + w;
+                    // Blocks [first, first + count), owned by this worker.
+                    let (first, count) = if w < SMALL_WORKERS {
+                        let b =
+                            rng.random_range(0..SMALL_BLOCKS / SMALL_WORKERS) * SMALL_WORKERS + w;
+                        (b, 1)
+                    } else {
+                        let base = SMALL_BLOCKS + (w - SMALL_WORKERS) * LARGE_SPAN;
+                        let count = rng.random_range(LARGE_MIN..=LARGE_MAX);
+                        (base + rng.random_range(0..=LARGE_SPAN - count), count)
+                    };
                     n += 1;
                     let version = version_base + n * WORKERS + w;
-                    model.lock().unwrap().inflight[b as usize] = version;
+                    {
+                        let mut m = model.lock().unwrap();
+                        for b in first..first + count {
+                            m.inflight[b as usize] = version;
+                        }
+                    }
                     let fua = rng.random_bool(0.5);
-                    let data = content(seed, b, version);
-                    let ok = c.write(b * BLOCK as u64, &data, fua).await.is_ok()
+                    let mut data = Vec::with_capacity(count as usize * BLOCK);
+                    for b in first..first + count {
+                        data.extend_from_slice(&content(seed, b, version));
+                    }
+                    let ok = c.write(first * BLOCK as u64, &data, fua).await.is_ok()
                         && (fua || c.flush().await.is_ok());
                     if !ok {
-                        return; // the in-flight version stays recorded
+                        return; // the in-flight versions stay recorded
                     }
                     let mut m = model.lock().unwrap();
-                    m.acked[b as usize] = version;
-                    m.inflight[b as usize] = 0;
+                    for b in first..first + count {
+                        m.acked[b as usize] = version;
+                        m.inflight[b as usize] = 0;
+                    }
                     m.acks += 1;
+                    if count > 1 {
+                        m.large_acks += 1;
+                    }
                 }
             })
         })
@@ -243,12 +278,16 @@ fn kill_primary(seed: u64) {
         pri = sec;
         sec = new_sec;
     }
-    let acks = model.lock().unwrap().acks;
+    let (acks, large) = {
+        let m = model.lock().unwrap();
+        (m.acks, m.large_acks)
+    };
     eprintln!(
-        "  seed {seed}: {acks} acknowledged writes checked over {} failovers",
+        "  seed {seed}: {acks} acknowledged writes ({large} streamed) checked over {} failovers",
         iters()
     );
     assert!(acks > 0, "no write was ever acknowledged");
+    assert!(large > 0, "no streamed write was ever acknowledged");
     drop(pri);
     drop(sec);
 }
@@ -283,8 +322,12 @@ fn kill_secondary(seed: u64) {
     pri.wait_link("in_sync", T);
     verify_clean(&pri);
     let m = model.lock().unwrap();
-    eprintln!("  seed {seed}: {} acknowledged writes checked", m.acks);
+    eprintln!(
+        "  seed {seed}: {} acknowledged writes ({} streamed) checked",
+        m.acks, m.large_acks
+    );
     assert!(m.acks > 0);
+    assert!(m.large_acks > 0, "no streamed write was ever acknowledged");
     m.check(seed, &pri.data(), "primary");
     m.check(seed, &sec.data(), "secondary");
 }
@@ -369,8 +412,12 @@ fn cut_link(seed: u64) {
     pri.wait_link("in_sync", T);
     verify_clean(&pri);
     let m = model.lock().unwrap();
-    eprintln!("  seed {seed}: {} acknowledged writes checked", m.acks);
+    eprintln!(
+        "  seed {seed}: {} acknowledged writes ({} streamed) checked",
+        m.acks, m.large_acks
+    );
     assert!(m.acks > 0);
+    assert!(m.large_acks > 0, "no streamed write was ever acknowledged");
     m.check(seed, &pri.data(), "primary");
     m.check(seed, &sec.data(), "secondary");
 }

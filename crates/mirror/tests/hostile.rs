@@ -286,3 +286,126 @@ fn stale_epoch_is_rejected() {
     assert_eq!(r["ok"], false);
     assert!(r["error"].as_str().unwrap().contains("stale"), "{r}");
 }
+
+/// An authenticated replication peer (it knows the unit secret) that sends
+/// malformed frames: the handshake of a primary, done by hand.
+struct FakePrimary {
+    s: TcpStream,
+    next: u64,
+}
+
+impl FakePrimary {
+    fn connect(addr: &str, secret: &[u8], size: u64) -> FakePrimary {
+        use pairvisor_mirror::repl::proto::*;
+        let mut s = connect(addr);
+        let mut g = [0u8; 44];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[0..8], GREETING);
+        assert_eq!(&g[8..12], &VERSION.to_be_bytes());
+        let ns = &g[12..44];
+        let hello =
+            serde_json::to_vec(&json!({"volume_id":"vol","size":size,"region_size":MIB,"epoch":1}))
+                .unwrap();
+        let nc = [7u8; 32];
+        let tag = mac(secret, LABEL_CLIENT, &[ns, &nc, &hello]);
+        let mut m = (hello.len() as u32).to_be_bytes().to_vec();
+        m.extend_from_slice(&hello);
+        m.extend_from_slice(&nc);
+        m.extend_from_slice(&tag);
+        s.write_all(&m).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut welcome = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut welcome).unwrap();
+        let w: serde_json::Value = serde_json::from_slice(&welcome).unwrap();
+        assert_eq!(w["accepted"], true, "{w}");
+        s.read_exact(&mut len).unwrap();
+        let mut rest = vec![0u8; u32::from_be_bytes(len) as usize + 32];
+        s.read_exact(&mut rest).unwrap();
+        let plan =
+            serde_json::to_vec(&json!({"proceed":true,"reason":null,"resync":false})).unwrap();
+        let mut m = (plan.len() as u32).to_be_bytes().to_vec();
+        m.extend_from_slice(&plan);
+        s.write_all(&m).unwrap();
+        FakePrimary { s, next: 1 }
+    }
+
+    /// Sends a frame with `payload` (and `len` as given); returns its id.
+    fn send(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> u64 {
+        use pairvisor_mirror::repl::proto::Frame;
+        let id = self.next;
+        self.next += 1;
+        let mut m = Frame {
+            kind,
+            flags,
+            id,
+            offset,
+            len,
+            aux: 0,
+        }
+        .encode()
+        .to_vec();
+        m.extend_from_slice(payload);
+        self.s.write_all(&m).unwrap();
+        id
+    }
+
+    /// Reads one reply: (id, status).
+    fn reply(&mut self) -> (u64, u32) {
+        use pairvisor_mirror::repl::proto::{Frame, K_REPLY};
+        let mut h = [0u8; Frame::LEN];
+        self.s.read_exact(&mut h).unwrap();
+        let f = Frame::decode(&h).expect("reply magic");
+        assert_eq!(f.kind, K_REPLY);
+        let mut body = vec![0u8; f.len as usize];
+        self.s.read_exact(&mut body).unwrap();
+        (f.id, f.aux)
+    }
+
+    /// Sends a frame and waits for its reply's status (the PART frames
+    /// used here are answered in order).
+    fn call(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> u32 {
+        let id = self.send(kind, flags, offset, len, payload);
+        let (rid, status) = self.reply();
+        assert_eq!(rid, id);
+        status
+    }
+}
+
+#[test]
+fn replication_peer_part_frames_are_checked() {
+    use pairvisor_mirror::repl::proto::*;
+    let d = tempfile::tempdir().unwrap();
+    let b = Node::new(d.path(), "b", 8 * MIB);
+    let pb = b.start("secondary", 0);
+    let secret = std::fs::read(&b.secret).unwrap();
+    let mut p = FakePrimary::connect(&b.repl_addr(), &secret, 8 * MIB);
+    let chunk = vec![0xabu8; 4096];
+    // Out of range, overflowing, on a kind that is not WRITE, unknown flags:
+    // errors, and the connection goes on.
+    assert_eq!(p.call(K_WRITE, F_PART, 8 * MIB - 100, 4096, &chunk), EINVAL);
+    assert_eq!(p.call(K_WRITE, F_PART, 8 * MIB, 4096, &chunk), EINVAL);
+    assert_eq!(p.call(K_WRITE, F_PART, u64::MAX - 10, 4096, &chunk), EINVAL);
+    assert_eq!(p.call(K_ZERO, F_PART, 0, 4096, &[]), EINVAL);
+    assert_eq!(p.call(K_FLUSH, F_PART, 0, 0, &[]), EINVAL);
+    assert_eq!(p.call(K_WRITE, 0x80 | F_PART, 0, 4096, &chunk), EINVAL);
+    // A well-formed streamed write: PART chunks, then the durable last one.
+    assert_eq!(p.call(K_WRITE, F_PART, 4096, 4096, &chunk), 0);
+    assert_eq!(p.call(K_WRITE, F_PART, 8192, 4096, &[0xcd; 4096]), 0);
+    assert_eq!(p.call(K_WRITE, F_DURABLE, 12288, 4096, &[0xef; 4096]), 0);
+    let data = std::fs::read(b.dir.join("data.raw")).unwrap();
+    assert_eq!(data.len() as u64, 8 * MIB, "the data file grew");
+    assert!(data[..4096].iter().all(|&x| x == 0));
+    assert!(data[4096..8192].iter().all(|&x| x == 0xab));
+    assert!(data[8192..12288].iter().all(|&x| x == 0xcd));
+    assert!(data[12288..16384].iter().all(|&x| x == 0xef));
+    assert!(data[16384..].iter().all(|&x| x == 0));
+    // An oversized PART payload closes the connection without a write.
+    p.send(K_WRITE, F_PART, 0, MAX_FRAME_PAYLOAD + 1, &[]);
+    assert!(closed(&mut p.s));
+    assert_eq!(
+        std::fs::metadata(b.dir.join("data.raw")).unwrap().len(),
+        8 * MIB
+    );
+    assert_eq!(pb.status()["role"], "secondary");
+}

@@ -7,12 +7,18 @@
 //! `DISC`, the FUA flag, and many requests in flight (each request runs in
 //! its own task, replies go out as they complete).
 //!
+//! A write of at least [`STREAM_MIN`] bytes is *streamed*: the volume
+//! prepares it (region locks, dirty-bitmap mark) before its payload is
+//! read, then each [`STREAM_CHUNK`] of payload is sent to the partner and
+//! written locally as soon as it arrives, so that replication overlaps the
+//! transfer from the client instead of following it.
+//!
 //! Hostile input never reaches the volume unchecked: a bad magic, an
 //! oversized option or write payload closes the connection; an out-of-range
 //! request, unknown command or flag gets an error reply.
 
 use super::proto::*;
-use crate::volume::{IoError, Volume};
+use crate::volume::{IoError, StreamedWrite, Volume};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -31,6 +37,14 @@ pub enum NbdError {
 
 /// Most requests processed concurrently on one connection.
 const MAX_IN_FLIGHT: usize = 64;
+
+/// Writes at least this long are streamed: replicated and written chunk by
+/// chunk while their payload is still arriving, instead of after it
+/// arrived whole (see [`Volume::begin_write`]).
+pub const STREAM_MIN: u32 = 256 << 10;
+
+/// Size of the chunks a streamed write is read, replicated and written in.
+pub const STREAM_CHUNK: usize = 256 << 10;
 
 /// Serves a volume over NBD.
 pub struct NbdServer {
@@ -322,6 +336,30 @@ impl NbdServer {
             if req.kind == CMD_DISC {
                 break Ok(());
             }
+            if self.streamable(&req) {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    break Ok(());
+                };
+                let work = match self.stream_write(&mut rd, &req).await {
+                    Ok(w) => w,
+                    Err(e) => break Err(e),
+                };
+                let tx = tx.clone();
+                let session = session.clone();
+                tokio::spawn(async move {
+                    let res = match work {
+                        Ok(w) => w.finish().await,
+                        Err(e) => Err(e),
+                    };
+                    let reply = match res {
+                        Ok(()) => simple_reply(req.cookie, 0, &[]),
+                        Err(e) => Self::error_reply(&session, req.cookie, e.errno, &e.message),
+                    };
+                    let _ = tx.send(reply).await;
+                    drop(permit);
+                });
+                continue;
+            }
             let mut payload = Vec::new();
             if req.kind == CMD_WRITE {
                 if req.length > MAX_PAYLOAD {
@@ -352,6 +390,53 @@ impl NbdServer {
         drop(tx);
         let _ = writer.await;
         result
+    }
+
+    /// A valid write long enough to be streamed (anything else, including
+    /// errors, takes the ordinary path).
+    fn streamable(&self, req: &Request) -> bool {
+        req.kind == CMD_WRITE
+            && req.length >= STREAM_MIN
+            && req.length <= MAX_PAYLOAD
+            && req.flags & !CMD_FLAGS_KNOWN == 0
+            && crate::region::in_bounds(req.offset, req.length as u64, self.volume.size())
+    }
+
+    /// Starts a streamed write and reads its payload into it chunk by
+    /// chunk. `Err` ends the connection (the client went away mid-payload:
+    /// the write is dropped, i.e. abandoned); `Ok(Err)` is a write the
+    /// volume refused, whose payload was read and discarded.
+    async fn stream_write<R: AsyncRead + Unpin>(
+        &self,
+        rd: &mut R,
+        req: &Request,
+    ) -> Result<Result<StreamedWrite, IoError>, NbdError> {
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let len = req.length as usize;
+        let mut w = match self.volume.begin_write(req.offset, len as u64, fua).await {
+            Ok(w) => w,
+            Err(e) => {
+                let mut sink = vec![0u8; len.min(STREAM_CHUNK)];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(sink.len());
+                    rd.read_exact(&mut sink[..n]).await?;
+                    left -= n;
+                }
+                return Ok(Err(e));
+            }
+        };
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(STREAM_CHUNK);
+            let mut chunk = vec![0u8; n];
+            rd.read_exact(&mut chunk).await?;
+            left -= n;
+            if let Err(e) = w.push(chunk).await {
+                return Err(NbdError::Protocol(format!("streamed write: {e}")));
+            }
+        }
+        Ok(Ok(w))
     }
 
     fn error_reply(session: &Session, cookie: u64, errno: u32, msg: &str) -> Vec<u8> {

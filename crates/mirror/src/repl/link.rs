@@ -200,7 +200,10 @@ impl PeerLink {
         len: u32,
         payload: &[u8],
     ) -> Result<Reply, LinkError> {
-        self.send_frame(kind, flags, offset, len, payload, None)
+        let rx = self
+            .enqueue(kind, flags, offset, len, payload, None)
+            .await?;
+        self.await_reply(rx, tokio::time::Instant::now() + self.timeout)
             .await
     }
 
@@ -214,11 +217,38 @@ impl PeerLink {
         payload: Arc<Vec<u8>>,
     ) -> Result<Reply, LinkError> {
         let len = payload.len() as u32;
-        self.send_frame(kind, flags, offset, len, &[], Some(payload))
+        let rx = self
+            .enqueue(kind, flags, offset, len, &[], Some(payload))
+            .await?;
+        self.await_reply(rx, tokio::time::Instant::now() + self.timeout)
             .await
     }
 
-    async fn send_frame(
+    /// Queues a request with a shared payload and returns as soon as it is
+    /// queued, without waiting for the reply: frames queued by successive
+    /// calls go out in call order, and their replies are awaited later with
+    /// [`PendingReply::wait`]. This is what lets a streamed write send its
+    /// chunks while the rest of its data is still arriving.
+    pub async fn send_shared(
+        self: &Arc<Self>,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        payload: Arc<Vec<u8>>,
+    ) -> Result<PendingReply, LinkError> {
+        let len = payload.len() as u32;
+        let rx = self
+            .enqueue(kind, flags, offset, len, &[], Some(payload))
+            .await?;
+        Ok(PendingReply {
+            link: self.clone(),
+            rx,
+            deadline: tokio::time::Instant::now() + self.timeout,
+        })
+    }
+
+    /// Registers a waiter for a new request id and queues the frame.
+    async fn enqueue(
         &self,
         kind: u16,
         flags: u16,
@@ -226,7 +256,7 @@ impl PeerLink {
         len: u32,
         payload: &[u8],
         shared: Option<Arc<Vec<u8>>>,
-    ) -> Result<Reply, LinkError> {
+    ) -> Result<oneshot::Receiver<Reply>, LinkError> {
         if !self.is_alive() {
             return Err(self.down());
         }
@@ -258,7 +288,16 @@ impl PeerLink {
         if self.tx.send(Outgoing { head: buf, shared }).await.is_err() {
             return Err(self.down());
         }
-        match tokio::time::timeout(self.timeout, rx).await {
+        Ok(rx)
+    }
+
+    /// Waits for a reply until `deadline`; a late reply breaks the link.
+    async fn await_reply(
+        &self,
+        rx: oneshot::Receiver<Reply>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Reply, LinkError> {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(_)) => Err(self.down()),
             Err(_) => {
@@ -266,6 +305,23 @@ impl PeerLink {
                 Err(self.down())
             }
         }
+    }
+}
+
+/// A request queued with [`PeerLink::send_shared`] whose reply has not been
+/// awaited yet. Dropping it forgets the reply (the request still goes out).
+#[derive(Debug)]
+pub struct PendingReply {
+    link: Arc<PeerLink>,
+    rx: oneshot::Receiver<Reply>,
+    deadline: tokio::time::Instant,
+}
+
+impl PendingReply {
+    /// Waits for the reply; the link timeout counts from when the request
+    /// was queued, and a late reply breaks the link.
+    pub async fn wait(self) -> Result<Reply, LinkError> {
+        self.link.await_reply(self.rx, self.deadline).await
     }
 }
 

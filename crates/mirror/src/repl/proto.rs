@@ -28,6 +28,14 @@
 //! The secondary answers each request with a `REPLY` frame carrying the same
 //! id, the status (0 or an errno) in `aux`, and a payload (a hash for
 //! `VERIFY`, an error message otherwise).
+//!
+//! ## Streamed writes (version 2)
+//!
+//! A large write is forwarded while its data is still arriving from the NBD
+//! client: one `WRITE` frame per chunk, in order, the non-final ones with
+//! [`F_PART`]. The secondary applies a `PART` frame before reading the next
+//! frame (its other requests run concurrently), so the final chunk's sync
+//! covers the whole write. Every chunk is answered.
 
 use crate::genid::GenIds;
 use crate::replica::Decision;
@@ -37,8 +45,9 @@ use sha2::Sha256;
 
 /// Greeting magic.
 pub const GREETING: &[u8; 8] = b"PVMIRROR";
-/// Protocol version.
-pub const VERSION: u32 = 1;
+/// Protocol version. 2 added [`F_PART`] (streamed writes); both sides of a
+/// link must speak the same version.
+pub const VERSION: u32 = 2;
 /// Frame magic, "PVR1".
 pub const FRAME_MAGIC: u32 = 0x5056_5231;
 /// Largest handshake message accepted.
@@ -66,6 +75,13 @@ pub const K_REPLY: u16 = 0x80;
 pub const F_DURABLE: u16 = 1;
 /// Flag: the write is resync traffic.
 pub const F_RESYNC: u16 = 2;
+/// Flag (`WRITE` only): a non-final chunk of a streamed write. The
+/// secondary applies it (without sync) before it reads the next frame, so
+/// that when the final chunk (without `PART`, with `DURABLE` when the write
+/// must be durable) is synced, every earlier chunk is already written.
+pub const F_PART: u16 = 4;
+/// Every flag this version knows; a request with another flag is refused.
+pub const F_KNOWN: u16 = F_DURABLE | F_RESYNC | F_PART;
 
 /// A frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
