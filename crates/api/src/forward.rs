@@ -15,6 +15,23 @@ const FORWARDED: &str = "x-pairvisor-forwarded";
 /// Largest body forwarded (VM operations carry small JSON bodies).
 const MAX_BODY: usize = 1 << 20;
 
+/// A client for the partner's API that trusts only the certificates the
+/// partner published in its unit record (never public CAs, never "any").
+fn partner_client(trust_pem: Option<&str>, timeout_secs: u64) -> Result<reqwest::Client, String> {
+    let pem = trust_pem.ok_or("its unit record carries no API certificate")?;
+    let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+        .map_err(|e| format!("its API certificate is not valid PEM: {e}"))?;
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .connect_timeout(std::time::Duration::from_secs(1))
+        .timeout(std::time::Duration::from_secs(timeout_secs));
+    for c in certs {
+        b = b.add_root_certificate(c);
+    }
+    b.build().map_err(|e| format!("cannot set up HTTPS: {e}"))
+}
+
 /// The VM a request acts on, if it needs the VM's host.
 fn vm_of(method: &Method, path: &str) -> Option<String> {
     let rest = path.strip_prefix("/api/v1/vms/")?;
@@ -109,13 +126,26 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
     };
     // Short connect timeout: a host that is down (or cut off) must not hold
     // a read that can be answered here.
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(1))
-        .timeout(std::time::Duration::from_secs(
-            if parts.method == Method::GET { 5 } else { 120 },
-        ))
-        .build()
-        .unwrap_or_default();
+    let client = match partner_client(
+        target.addrs.api_trust_pem.as_deref(),
+        if parts.method == Method::GET { 5 } else { 120 },
+    ) {
+        Ok(c) => c,
+        Err(_) if parts.method == Method::GET => {
+            return (Request::from_parts(parts, Body::from(body)), None);
+        }
+        Err(why) => {
+            let err = crate::error::ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "partner_untrusted",
+                format!("cannot forward to PM '{host}': {why}"),
+            );
+            return (
+                Request::from_parts(parts, Body::empty()),
+                Some(err.into_response()),
+            );
+        }
+    };
     let mut rb = client
         .request(parts.method.clone(), &url)
         .header(

@@ -1,4 +1,4 @@
-//! The Pairvisor REST API (JSON over HTTP), served by every PM's daemon.
+//! The Pairvisor REST API (JSON over HTTPS), served by every PM's daemon.
 //!
 //! Every route except `/health`, `/api/v1/auth/login` and
 //! `/api/v1/openapi.json` needs a bearer token. The access each route needs
@@ -13,7 +13,9 @@ pub mod auth;
 pub mod error;
 mod forward;
 mod handlers;
+pub mod https;
 pub mod live;
+pub mod tls;
 mod unit;
 
 use auth::AuthUser;

@@ -21,6 +21,14 @@ pub enum CliError {
         /// The whole body.
         body: Value,
     },
+    /// The daemon's certificate is not one this CLI trusts.
+    #[error("the daemon at {url} presented a certificate this CLI does not trust ({detail}); give its CA with --ca-cert FILE (on a PM: DATA_DIR/tls/api-ca.pem), or set PAIRVISOR_CA_CERT")]
+    Untrusted {
+        /// The URL tried.
+        url: String,
+        /// What the TLS layer said.
+        detail: String,
+    },
     /// The daemon could not be reached.
     #[error("cannot reach the Pairvisor daemon at {url}: {source}; is `pairvisor serve` running? (set --url or PAIRVISOR_URL)")]
     Unreachable {
@@ -50,7 +58,7 @@ impl CliError {
                 400 | 413 | 422 => ExitCode::Invalid,
                 _ => ExitCode::Failure,
             },
-            CliError::Unreachable { .. } => ExitCode::Unreachable,
+            CliError::Unreachable { .. } | CliError::Untrusted { .. } => ExitCode::Unreachable,
             CliError::Local(_) => ExitCode::Failure,
             CliError::Usage(_) => ExitCode::Usage,
         }
@@ -64,6 +72,66 @@ pub struct Saved {
     pub url: Option<String>,
     /// Bearer token.
     pub token: Option<String>,
+    /// The certificates trusted for `url` (PEM), saved at login.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+}
+
+/// The certificates to trust for the daemon's HTTPS: `--ca-cert` /
+/// `$PAIRVISOR_CA_CERT` first, then what the saved login trusted, then —
+/// on a PM itself — the local daemon's own API CA
+/// (`$PAIRVISOR_DATA_DIR` or `/var/lib/pairvisor`, `tls/api-ca.pem`).
+pub fn trust_pem(
+    ca_file: Option<&std::path::Path>,
+    saved: &Saved,
+) -> Result<Option<String>, CliError> {
+    if let Some(f) = ca_file {
+        return std::fs::read_to_string(f)
+            .map(Some)
+            .map_err(|e| CliError::Local(format!("cannot read the CA file {}: {e}", f.display())));
+    }
+    if saved.ca_pem.is_some() {
+        return Ok(saved.ca_pem.clone());
+    }
+    let data = std::env::var_os("PAIRVISOR_DATA_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/pairvisor"));
+    Ok(std::fs::read_to_string(data.join("tls/api-ca.pem")).ok())
+}
+
+/// An HTTP client that trusts exactly `pem`'s certificates (no public CAs:
+/// a PM's API is vouched for by its own or the administrator's CA).
+pub fn http_client(pem: Option<&str>) -> Result<reqwest::Client, CliError> {
+    let mut b = reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false);
+    if let Some(pem) = pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+            .map_err(|e| CliError::Local(format!("the CA certificates are not valid PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(CliError::Local(
+                "the CA file holds no CERTIFICATE block".into(),
+            ));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    b.build()
+        .map_err(|e| CliError::Local(format!("cannot set up HTTPS: {e}")))
+}
+
+/// Tells a certificate problem from other transport errors.
+fn certificate_problem(e: &reqwest::Error) -> Option<String> {
+    let mut src: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = src {
+        let text = s.to_string();
+        if text.contains("certificate") || text.contains("UnknownIssuer") {
+            return Some(text);
+        }
+        src = s.source();
+    }
+    None
 }
 
 /// Where `pairvisor login` saves the token: `$PAIRVISOR_CONFIG`, else
@@ -107,18 +175,37 @@ pub fn save(saved: &Saved) -> Result<(), CliError> {
 /// A REST client for one daemon.
 pub struct Client {
     http: reqwest::Client,
-    /// Base URL, e.g. `http://127.0.0.1:7480`.
+    /// Base URL, e.g. `https://127.0.0.1:7480`.
     pub url: String,
     token: Option<String>,
 }
 
 impl Client {
-    /// A client for `url` with an optional bearer token.
-    pub fn new(url: String, token: Option<String>) -> Self {
-        Client {
-            http: reqwest::Client::new(),
+    /// A client for `url` with an optional bearer token that trusts `pem`'s
+    /// certificates (see [`trust_pem`]).
+    pub fn with_trust(
+        url: String,
+        token: Option<String>,
+        pem: Option<&str>,
+    ) -> Result<Self, CliError> {
+        Ok(Client {
+            http: http_client(pem)?,
             url: url.trim_end_matches('/').to_string(),
             token,
+        })
+    }
+
+    /// Maps a transport error: certificate problems get their own advice.
+    fn transport(&self, source: reqwest::Error) -> CliError {
+        match certificate_problem(&source) {
+            Some(detail) => CliError::Untrusted {
+                url: self.url.clone(),
+                detail,
+            },
+            None => CliError::Unreachable {
+                url: self.url.clone(),
+                source,
+            },
         }
     }
 
@@ -133,10 +220,7 @@ impl Client {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, CliError> {
-        let resp = rb.send().await.map_err(|source| CliError::Unreachable {
-            url: self.url.clone(),
-            source,
-        })?;
+        let resp = rb.send().await.map_err(|e| self.transport(e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -175,6 +259,22 @@ impl Client {
         }
         Ok(serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into())))
+    }
+
+    /// Like [`Client::call`] with one extra request header (e.g. the mark of
+    /// an already forwarded request, to ask this very PM).
+    pub async fn call_with_header(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        header: (&str, &str),
+    ) -> Result<Value, CliError> {
+        let rb = self.req(method, path).header(header.0, header.1);
+        let resp = self.send(rb).await?;
+        resp.json().await.map_err(|source| CliError::Unreachable {
+            url: self.url.clone(),
+            source,
+        })
     }
 
     /// GET and decode.

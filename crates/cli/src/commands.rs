@@ -11,9 +11,13 @@ use std::path::PathBuf;
 #[derive(Debug, Parser)]
 #[command(name = "pairvisor", version, about)]
 pub struct Cli {
-    /// Daemon URL (default: the saved login's, else http://127.0.0.1:7480).
+    /// Daemon URL (default: the saved login's, else https://127.0.0.1:7480).
     #[arg(long, global = true, env = "PAIRVISOR_URL")]
     pub url: Option<String>,
+    /// CA certificate(s) to trust for the daemon's HTTPS (PEM; default: the
+    /// saved login's, else the local PM's DATA_DIR/tls/api-ca.pem).
+    #[arg(long, global = true, env = "PAIRVISOR_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// Bearer token (default: the saved login's).
     #[arg(long, global = true, env = "PAIRVISOR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -114,6 +118,18 @@ pub struct ServeArgs {
     /// Heartbeat address on the first business network (host:port).
     #[arg(long, requires = "unit_listen")]
     pub business_hb: Option<String>,
+    /// The API's certificate chain (PEM: server certificate, then its CAs),
+    /// e.g. from the company's CA. Without it the PM makes its own CA
+    /// (DATA_DIR/tls/api-ca.pem, the file to import into browsers).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// More names (DNS names or addresses, e.g. the unit's management
+    /// address) for the certificate the PM makes itself; repeatable.
+    #[arg(long = "api-name")]
+    pub api_names: Vec<String>,
 }
 
 /// `pairvisor witness` options.
@@ -847,9 +863,16 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
         .url
         .clone()
         .or(saved.url.clone())
-        .unwrap_or_else(|| "http://127.0.0.1:7480".into());
+        .unwrap_or_else(|| "https://127.0.0.1:7480".into());
     let token = cli.token.clone().or(saved.token.clone());
-    let c = Client::new(url.clone(), token);
+    // A saved login's trust applies to its own URL only.
+    let saved_trust = if saved.url.as_deref() == Some(url.as_str()) {
+        saved.clone()
+    } else {
+        Saved::default()
+    };
+    let trust = client::trust_pem(cli.ca_cert.as_deref(), &saved_trust)?;
+    let c = Client::with_trust(url.clone(), token, trust.as_deref())?;
     let out = |kind: &str, v: Value| {
         if cli.json {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -909,6 +932,7 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
             client::save(&Saved {
                 url: Some(url.clone()),
                 token: v["token"].as_str().map(str::to_string),
+                ca_pem: trust.clone(),
             })?;
             if cli.json {
                 out("", json!({"user": v["user"], "role": v["role"], "url": url}));
@@ -918,7 +942,11 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
         }
         Command::Logout => {
             let _ = c.call(M::POST, "/auth/logout", None).await;
-            client::save(&Saved { url: Some(url), token: None })?;
+            client::save(&Saved {
+                url: Some(url),
+                token: None,
+                ca_pem: trust,
+            })?;
         }
         Command::Vm(cmd) => match *cmd {
             VmCmd::List => out("vms", c.call(M::GET, "/vms", None).await?),

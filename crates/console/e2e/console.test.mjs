@@ -3,7 +3,7 @@
 // booting the test guest under QEMU. Run by crates/pairvisor/tests/browser.rs;
 // by hand:
 //
-//   PV_URL=http://127.0.0.1:7480 PV_ADMIN_PASSWORD=... PV_OPERATOR_PASSWORD=... \
+//   PV_CA_FILE=DATA/tls/api-ca.pem NODE_EXTRA_CA_CERTS=DATA/tls/api-ca.pem PV_URL=https://127.0.0.1:7480 PV_ADMIN_PASSWORD=... PV_OPERATOR_PASSWORD=... \
 //   PV_KERNEL=target/guest/vmlinuz PV_INITRD=target/guest/initrd.img \
 //   node crates/console/e2e/console.test.mjs
 //
@@ -13,6 +13,7 @@
 // default target/screenshots), PV_CHROMIUM (default /usr/bin/chromium).
 
 import { chromium } from 'playwright-core';
+import { chromiumTrustArgs, checkHttps } from './trust.mjs';
 import { mkdtempSync, mkdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,6 +24,8 @@ const env = (k, d) => {
   return v;
 };
 const URL = env('PV_URL').replace(/\/$/, '');
+// The CA(s) that vouch for the API's HTTPS (see trust.mjs).
+const CA_FILE = env('PV_CA_FILE');
 const ADMIN = env('PV_ADMIN_USER', 'admin');
 const ADMIN_PW = env('PV_ADMIN_PASSWORD');
 const OP = env('PV_OPERATOR_USER', 'op');
@@ -78,7 +81,8 @@ async function main() {
     executablePath: CHROMIUM,
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
+      ...chromiumTrustArgs(CA_FILE)],
     viewport: { width: 1440, height: 900 },
     timezoneId: 'UTC',
   });
@@ -94,6 +98,9 @@ async function main() {
     assert(adminToken, 'admin can log in through the API');
     // Times are shown in the unit's zone: set one different from the browser's.
     assert((await apiCall(adminToken, 'PATCH', '/settings', { timezone: 'Asia/Tokyo' })).status === 200, 'set time zone');
+
+    // ---------------------------------------------------------- HTTPS
+    await checkHttps(page, URL, assert, log);
 
     // ---------------------------------------------------------- login
     await page.goto(`${URL}/`);

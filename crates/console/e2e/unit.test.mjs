@@ -4,7 +4,7 @@
 // namespaces, QEMU under TCG, the demo VM on pm-a). Run by
 // crates/pairvisor/tests/browser_unit.rs; by hand, with a lab up:
 //
-//   PV_URL=http://10.199.2.1:7480 PV_ADMIN_PASSWORD=pairvisor-lab \
+//   PV_CA_FILE=DATA/tls/api-ca.pem NODE_EXTRA_CA_CERTS=DATA/tls/api-ca.pem PV_URL=https://10.199.2.1:7480 PV_ADMIN_PASSWORD=pairvisor-lab \
 //   PV_LAB_DIR=target/lab node crates/console/e2e/unit.test.mjs
 //
 // It logs in on pm-a, sees both PMs running on the Unit page (links, lease,
@@ -23,6 +23,7 @@
 // PV_CHROMIUM (default /usr/bin/chromium).
 
 import { chromium } from 'playwright-core';
+import { chromiumTrustArgs, checkHttps } from './trust.mjs';
 import { mkdtempSync, mkdirSync, rmSync, readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -34,6 +35,8 @@ const env = (k, d) => {
   return v;
 };
 const URL = env('PV_URL').replace(/\/$/, '');
+// The CA(s) that vouch for the API's HTTPS (see trust.mjs).
+const CA_FILE = env('PV_CA_FILE');
 const ADMIN = env('PV_ADMIN_USER', 'admin');
 const ADMIN_PW = env('PV_ADMIN_PASSWORD');
 const LAB = env('PV_LAB_DIR');
@@ -154,7 +157,8 @@ async function main() {
     executablePath: CHROMIUM,
     headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic'],
+      '--disable-component-update', '--disable-sync', '--no-first-run', '--disable-quic',
+      ...chromiumTrustArgs(CA_FILE)],
     viewport: { width: 1440, height: 900 },
     timezoneId: 'UTC',
   });
@@ -169,6 +173,8 @@ async function main() {
     const vm0 = (await apiCall('GET', `/vms/${VM}`)).data;
     assert(vm0.host === 'pm-a' && vm0.state === 'running', `the demo VM runs on pm-a: ${JSON.stringify(vm0)}`);
     const vmId = vm0.id;
+
+    await checkHttps(page, URL, assert, log);
 
     // ---------------------------------------------------------- login
     await page.goto(`${URL}/`);

@@ -27,7 +27,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 /// Target: kill of the host PM → VM started on the survivor, seconds (with
 /// the default lease and heartbeat timeouts).
@@ -77,8 +77,6 @@ struct Pm {
     data: PathBuf,
     password: String,
     client: Mutex<Option<Arc<Client>>>,
-    /// The bearer token of `client`.
-    token: Mutex<String>,
 }
 
 impl Pm {
@@ -97,7 +95,6 @@ impl Pm {
             data: m.data.clone(),
             password: password.to_string(),
             client: Mutex::new(None),
-            token: Mutex::new(String::new()),
         })
     }
 
@@ -116,7 +113,7 @@ impl Pm {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
-        let anon = Client::new(self.api.clone(), None);
+        let anon = crate::lab::member_client(&self.api, &self.data, None)?;
         let v = bounded(anon.call(
             Method::POST,
             "/auth/login",
@@ -125,8 +122,11 @@ impl Pm {
         .await
         .map_err(|e| LabError::Api(format!("login to {} ({}): {e}", self.name, self.api)))?;
         let token = v["token"].as_str().unwrap_or_default().to_string();
-        let c = Arc::new(Client::new(self.api.clone(), Some(token.clone())));
-        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+        let c = Arc::new(crate::lab::member_client(
+            &self.api,
+            &self.data,
+            Some(token),
+        )?);
         self.set_cached(Some(c.clone()));
         Ok(c)
     }
@@ -167,33 +167,23 @@ impl Pm {
     /// from the hand-over on the destination hosts the VM, and what it
     /// answers is its own last migration's view (if it drove one), not this
     /// one. So the source is asked directly: the request carries the mark
-    /// of an already forwarded request. Plain HTTP/1.0, as `Client` cannot
-    /// add headers.
+    /// of an already forwarded request.
     async fn get_here(&self, path: &str) -> Option<Value> {
-        self.client().await.ok()?;
-        let token = self.token.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let hostport = self.api.strip_prefix("http://")?.trim_end_matches('/');
-        let exchange = async {
-            let mut s = tokio::net::TcpStream::connect(hostport).await.ok()?;
-            let req = format!(
-                "GET /api/v1{path} HTTP/1.0\r\nHost: {hostport}\r\n\
-                 Authorization: Bearer {token}\r\nx-pairvisor-forwarded: bench\r\n\r\n"
-            );
-            s.write_all(req.as_bytes()).await.ok()?;
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.ok()?;
-            let text = String::from_utf8_lossy(&buf);
-            let (head, body) = text.split_once("\r\n\r\n")?;
-            let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-            if status == 401 {
+        let c = self.client().await.ok()?;
+        let r = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            c.call_with_header(Method::GET, path, ("x-pairvisor-forwarded", "bench")),
+        )
+        .await
+        .ok()?;
+        match r {
+            Ok(v) => Some(v),
+            Err(CliError::Api { status: 401, .. }) => {
                 self.set_cached(None);
+                None
             }
-            (status == 200).then(|| serde_json::from_str(body).ok())?
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .ok()
-            .flatten()
+            Err(_) => None,
+        }
     }
 
     fn run_dir(&self, vm_id: &str) -> PathBuf {

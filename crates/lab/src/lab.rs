@@ -163,13 +163,13 @@ fn plan(opts: &UpOptions, topo: Option<&Topology>, password: &Path) -> Vec<Plan>
             name: "pm-a",
             ns: 'a',
             args: pm("pm-a", &a_biz, &a_priv, pa),
-            api: Some(format!("http://{a_biz}:{pa}")),
+            api: Some(format!("https://{a_biz}:{pa}")),
         },
         Plan {
             name: "pm-b",
             ns: 'b',
             args: pm("pm-b", &b_biz, &b_priv, pb),
-            api: Some(format!("http://{b_biz}:{pb}")),
+            api: Some(format!("https://{b_biz}:{pb}")),
         },
         Plan {
             name: "witness",
@@ -281,8 +281,20 @@ fn launch(
     Ok(pid)
 }
 
-async fn login(api: &str, password: &str) -> Result<Client, LabError> {
-    let c = Client::new(api.to_string(), None);
+/// The certificate authority a lab PM made for its API (its data
+/// directory's `tls/api-ca.pem`).
+pub fn member_trust(data: &Path) -> Option<String> {
+    std::fs::read_to_string(data.join("tls/api-ca.pem")).ok()
+}
+
+/// A client for a lab PM's API that trusts that PM's own CA.
+pub fn member_client(api: &str, data: &Path, token: Option<String>) -> Result<Client, LabError> {
+    Client::with_trust(api.to_string(), token, member_trust(data).as_deref())
+        .map_err(|e| LabError::Api(format!("{api}: {e}")))
+}
+
+async fn login(api: &str, data: &Path, password: &str) -> Result<Client, LabError> {
+    let c = member_client(api, data, None)?;
     let v = c
         .call(
             reqwest_post(),
@@ -292,7 +304,7 @@ async fn login(api: &str, password: &str) -> Result<Client, LabError> {
         .await
         .map_err(|e| LabError::Api(format!("login to {api}: {e}")))?;
     let token = v["token"].as_str().unwrap_or_default().to_string();
-    Ok(Client::new(api.to_string(), Some(token)))
+    member_client(api, data, Some(token))
 }
 
 fn reqwest_post() -> pairvisor_cli::Method {
@@ -342,8 +354,25 @@ pub async fn up_with(opts: UpOptions, witness: bool) -> Result<LabState, LabErro
         for p in &plans[..2] {
             members.push(spawn(&opts, topo.as_ref(), p, &[], "listening on")?);
         }
-        let a = login(plans[0].api.as_deref().unwrap_or_default(), password).await?;
-        let b = login(plans[1].api.as_deref().unwrap_or_default(), password).await?;
+        let a = login(
+            plans[0].api.as_deref().unwrap_or_default(),
+            &members[0].data,
+            password,
+        )
+        .await?;
+        let b = login(
+            plans[1].api.as_deref().unwrap_or_default(),
+            &members[1].data,
+            password,
+        )
+        .await?;
+        // One file for clients that talk to both PMs (CLI, browser).
+        let bundle: String = members
+            .iter()
+            .filter_map(|m| member_trust(&m.data))
+            .collect();
+        std::fs::write(opts.dir.join("api-ca.pem"), bundle)
+            .map_err(|e| LabError::Io(format!("writing the lab's api-ca.pem: {e}")))?;
         call(
             &a,
             pairvisor_cli::Method::POST,
@@ -544,7 +573,7 @@ pub async fn status(dir: &Path) -> Result<Value, LabError> {
         let v = match (&m.api, alive(m.pid)) {
             (_, false) => json!({"alive": false}),
             (None, true) => json!({"alive": true}),
-            (Some(api), true) => match login(api, password.trim()).await {
+            (Some(api), true) => match login(api, &m.data, password.trim()).await {
                 Ok(c) => call(&c, pairvisor_cli::Method::GET, "/unit", None)
                     .await
                     .unwrap_or_else(|e| json!({"alive": true, "error": e.to_string()})),

@@ -28,8 +28,9 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let tls = api_tls(&args, addr)?;
     let unit = match &args.unit_listen {
-        Some(l) => Some(open_unit(&args, l, addr).await?),
+        Some(l) => Some(open_unit(&args, l, addr, &tls).await?),
         None => None,
     };
     let unit_db = match &unit {
@@ -89,12 +90,14 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         }));
     }
     let app = pairvisor_api::router(agent.clone(), unit.clone()).merge(pairvisor_console::router());
-    info!("Pairvisor API listening on http://{addr} (OpenAPI: /api/v1/openapi.json)");
+    info!(
+        "Pairvisor API listening on https://{addr} (OpenAPI: /api/v1/openapi.json); clients trust {}",
+        tls.trust_file.display()
+    );
     // Machine-readable line for scripts and tests.
-    println!("listening on http://{addr}");
+    println!("listening on https://{addr}");
     let _ = std::io::stdout().flush();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+    pairvisor_api::https::serve(listener, app, tls, shutdown_signal())
         .await
         .context("serving the API")?;
     agent.detach_all();
@@ -109,11 +112,39 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// The API's TLS: the administrator's certificate, or the PM's own CA and a
+/// server certificate for the names this PM is reached by.
+fn api_tls(args: &ServeArgs, addr: std::net::SocketAddr) -> Result<pairvisor_api::tls::ApiTls> {
+    use pairvisor_api::tls;
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => tls::from_files(cert, key).context("--tls-cert/--tls-key"),
+        _ => {
+            let host = hostname();
+            let label = args
+                .pm_name
+                .clone()
+                .or(host.clone())
+                .unwrap_or_else(|| "pm".into());
+            let names = tls::default_names(addr, host.as_deref(), &args.api_names);
+            tls::load_or_create(&args.data_dir.join("tls"), &label, &names)
+                .context("setting up HTTPS for the API")
+        }
+    }
+}
+
 /// Opens this PM's unit membership (re-joining if it was a member).
 async fn open_unit(
     args: &ServeArgs,
     listen: &str,
     api: std::net::SocketAddr,
+    tls: &pairvisor_api::tls::ApiTls,
 ) -> Result<std::sync::Arc<pairvisor_unit::UnitService>> {
     let listen: std::net::SocketAddr = listen
         .parse()
@@ -121,9 +152,7 @@ async fn open_unit(
     let host = listen.ip();
     let name = match &args.pm_name {
         Some(n) => n.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "pm".into()),
+        None => hostname().unwrap_or_else(|| "pm".into()),
     };
     pairvisor_model::names::validate_name("PM", &name)
         .map_err(|e| anyhow::anyhow!("--pm-name: {e}"))?;
@@ -137,7 +166,8 @@ async fn open_unit(
             .business_hb
             .clone()
             .unwrap_or_else(|| format!("{host}:7483")),
-        api_url: format!("http://{api}"),
+        api_url: format!("https://{api}"),
+        api_trust_pem: Some(tls.trust_pem.clone()),
     };
     let svc = pairvisor_unit::UnitService::open(pairvisor_unit::UnitConfig {
         data_dir: args.data_dir.join("unit"),

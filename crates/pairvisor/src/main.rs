@@ -76,6 +76,10 @@ async fn lab(
             }
             println!("  admin password: {}", st.password_file.display());
             println!(
+                "  HTTPS: trust {} (both PMs' API CAs: PAIRVISOR_CA_CERT, browser import)",
+                dir.join("api-ca.pem").display()
+            );
+            println!(
                 "  network: {}",
                 if st.topology.is_some() {
                     "own namespaces (lab cut/heal work)"

@@ -656,10 +656,25 @@ fn vcd_upload_add_insert_remove_and_interrupted_upload() {
     assert_eq!(s, 204);
     assert!(!d.data.path().join("vcds/install.iso").exists());
 
+    // Plain HTTP on the API port is redirected to HTTPS, path kept.
+    {
+        use std::io::Read;
+        let addr = d.url.trim_start_matches("https://");
+        let mut plain = std::net::TcpStream::connect(addr).unwrap();
+        write!(plain, "GET /ui/vms?x=1 HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        plain.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 308"), "{answer}");
+        assert!(
+            answer.contains(&format!("Location: https://{addr}/ui/vms?x=1\r\n")),
+            "{answer}"
+        );
+    }
+
     // An upload interrupted half-way leaves nothing behind.
     let before = snapshot(&d);
-    let addr = d.url.trim_start_matches("http://").to_string();
-    let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+    let addr = d.url.trim_start_matches("https://").to_string();
+    let mut sock = common::tls_stream(&addr, &d.ca_file());
     write!(
         sock,
         "PUT /api/v1/vcds/half HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
@@ -680,7 +695,7 @@ fn vcd_upload_add_insert_remove_and_interrupted_upload() {
         assert!(Instant::now() < deadline, "upload never started");
         std::thread::sleep(Duration::from_millis(50));
     }
-    sock.shutdown(std::net::Shutdown::Both).unwrap();
+    sock.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
     drop(sock);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::fs::read_dir(d.data.path().join("tmp"))

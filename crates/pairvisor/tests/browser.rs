@@ -62,6 +62,8 @@ fn browser_console_end_to_end() {
     cmd.arg(&script)
         .current_dir(&console)
         .env("PV_URL", &d.url)
+        .env("PV_CA_FILE", d.ca_file())
+        .env("NODE_EXTRA_CA_CERTS", d.ca_file())
         .env("PV_ADMIN_USER", "admin")
         .env("PV_ADMIN_PASSWORD", ADMIN_PASSWORD)
         .env("PV_OPERATOR_USER", "op")

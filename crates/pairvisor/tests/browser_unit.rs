@@ -18,6 +18,8 @@
 //! Needs: `chromium` (scripts/install-deps), `npm ci` in `crates/console`
 //! (scripts/test), and the test guest (guest/build.sh).
 
+mod common;
+
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -109,12 +111,10 @@ fn api_url(dir: &Path, name: &str) -> String {
         .to_string()
 }
 
-/// GET `path` on `url` as the lab's administrator; None when it fails.
-fn get(url: &str, path: &str) -> Option<Value> {
-    let c = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .ok()?;
+/// GET `path` on `url` as the lab's administrator (trusting the lab's two
+/// API CAs); None when it fails.
+fn get(dir: &Path, url: &str, path: &str) -> Option<Value> {
+    let c = common::https_client_with_timeout(&dir.join("api-ca.pem"), Duration::from_secs(10));
     let login: Value = c
         .post(format!("{url}/api/v1/auth/login"))
         .json(&json!({"user": "admin", "password": PASSWORD}))
@@ -186,15 +186,15 @@ fn browser_console_drives_a_two_pm_unit() {
     assert!(text.contains("own namespaces"), "{text}");
     let url = api_url(path, "pm-a");
     until("demo running on pm-a", 180, || {
-        get(&url, "/vms/demo").filter(|v| {
+        get(path, &url, "/vms/demo").filter(|v| {
             v["state"] == "running" && v["host"] == "pm-a" && v["health"]["instance_ok"] == true
         })
     });
     until("demo-boot in sync", 60, || {
-        get(&url, "/volumes/demo-boot").filter(|v| v["sync"] == "in_sync")
+        get(path, &url, "/volumes/demo-boot").filter(|v| v["sync"] == "in_sync")
     });
     until("both PMs running", 60, || {
-        get(&url, "/pms").filter(|p| {
+        get(path, &url, "/pms").filter(|p| {
             p.as_array().is_some_and(|a| {
                 a.len() == 2
                     && a.iter()
@@ -208,6 +208,8 @@ fn browser_console_drives_a_two_pm_unit() {
         .arg(&script)
         .current_dir(&console)
         .env("PV_URL", &url)
+        .env("PV_CA_FILE", path.join("api-ca.pem"))
+        .env("NODE_EXTRA_CA_CERTS", path.join("api-ca.pem"))
         .env("PV_ADMIN_USER", "admin")
         .env("PV_ADMIN_PASSWORD", PASSWORD)
         .env("PV_LAB_DIR", path)

@@ -17,6 +17,7 @@ impl Cli<'_> {
         Command::new(env!("CARGO_BIN_EXE_pairvisor"))
             .args(args)
             .env("PAIRVISOR_URL", &self.d.url)
+            .env("PAIRVISOR_CA_CERT", self.d.ca_file())
             .env("PAIRVISOR_CONFIG", &self.config)
             .env_remove("PAIRVISOR_TOKEN")
             .output()
@@ -138,6 +139,7 @@ fn cli_commands_json_and_exit_codes() {
     let out = Command::new(env!("CARGO_BIN_EXE_pairvisor"))
         .args(["vm", "remove", "web"])
         .env("PAIRVISOR_URL", &d.url)
+        .env("PAIRVISOR_CA_CERT", d.ca_file())
         .env("PAIRVISOR_TOKEN", &token)
         .env("PAIRVISOR_CONFIG", &cli.config)
         .output()
@@ -200,9 +202,43 @@ fn cli_commands_json_and_exit_codes() {
     // Remove and unreachable daemon.
     assert_eq!(cli.json(&["vm", "remove", "web"]).0, 0);
     let out = Command::new(env!("CARGO_BIN_EXE_pairvisor"))
-        .args(["--url", "http://127.0.0.1:9", "vm", "list"])
+        .args(["--url", "https://127.0.0.1:9", "vm", "list"])
         .env("PAIRVISOR_CONFIG", &cli.config)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(3), "unreachable");
+
+    // A daemon whose certificate nobody vouched for is refused, with advice.
+    let fresh = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pairvisor"))
+        .args(["vm", "list"])
+        .env("PAIRVISOR_URL", &d.url)
+        .env("PAIRVISOR_CONFIG", fresh.path().join("cli.json"))
+        .env("PAIRVISOR_DATA_DIR", fresh.path())
+        .env_remove("PAIRVISOR_CA_CERT")
+        .env_remove("PAIRVISOR_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "untrusted certificate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not trust") && err.contains("--ca-cert"),
+        "{err}"
+    );
+    // On the PM itself the CLI finds the daemon's CA in its data directory.
+    let out = Command::new(env!("CARGO_BIN_EXE_pairvisor"))
+        .args(["vm", "list"])
+        .env("PAIRVISOR_URL", &d.url)
+        .env("PAIRVISOR_CONFIG", fresh.path().join("cli.json"))
+        .env("PAIRVISOR_DATA_DIR", d.data.path())
+        .env("PAIRVISOR_TOKEN", &d.token)
+        .env_remove("PAIRVISOR_CA_CERT")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -12,6 +12,8 @@
 //!   it stops the VM when its lease runs out, the partner (with the
 //!   witness) takes over, and the two QEMU processes never run at once.
 
+mod common;
+
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -71,17 +73,19 @@ impl Pm {
         }
     }
 
-    fn client() -> reqwest::blocking::Client {
-        reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .unwrap()
+    /// A client that trusts this PM's own API CA.
+    fn client(&self) -> reqwest::blocking::Client {
+        common::https_client_with_timeout(
+            &self.data.join("tls/api-ca.pem"),
+            Duration::from_secs(10),
+        )
     }
 
     /// GET/POST; None when the PM does not answer.
     fn call(&mut self, method: &str, path: &str, body: Option<Value>) -> Option<(u16, Value)> {
         if self.token.is_none() {
-            let r = Self::client()
+            let r = self
+                .client()
                 .post(format!("{}/api/v1/auth/login", self.url))
                 .json(&json!({"user": "admin", "password": PASSWORD}))
                 .send()
@@ -89,7 +93,8 @@ impl Pm {
             let v: Value = r.json().ok()?;
             self.token = Some(v["token"].as_str()?.to_string());
         }
-        let mut rb = Self::client()
+        let mut rb = self
+            .client()
             .request(
                 method.parse().unwrap(),
                 format!("{}/api/v1{path}", self.url),

@@ -39,7 +39,8 @@ fn start_acpi_shutdown_and_power_off() {
     // Follow mode streams new output as the guest prints it (heartbeats).
     {
         use std::io::Read;
-        let resp = reqwest::blocking::Client::new()
+        let resp = d
+            .http()
             .get(format!(
                 "{}/api/v1/vms/web/console?tail_bytes=1&follow=true",
                 d.url

@@ -30,6 +30,10 @@ pub struct PmAddresses {
     pub business_hb: String,
     /// Management API URL.
     pub api_url: String,
+    /// The certificates that vouch for the API's HTTPS (PEM), so that the
+    /// partner can forward requests here without trusting anyone else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_trust_pem: Option<String>,
 }
 
 /// A PM as recorded in the unit database.
@@ -354,6 +358,16 @@ impl UnitService {
             .into_iter()
             .filter_map(|(_, r)| r.decode().ok())
             .collect();
+        // Restarted with another address or API certificate: tell the unit
+        // (best effort; retried on the next tick while there is no quorum).
+        if pms
+            .iter()
+            .any(|p| p.node_id == db.node_id() && p.addrs != *me)
+        {
+            if let Err(e) = self.record_self(&db).await {
+                tracing::debug!("updating this PM's record: {e}");
+            }
+        }
         let Some(partner) = pms.iter().find(|p| p.node_id != db.node_id()) else {
             return Ok(());
         };

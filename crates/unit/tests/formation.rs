@@ -42,7 +42,8 @@ fn config(dir: &Path, name: &str, pm: bool) -> UnitConfig {
             name: name.into(),
             private_hb: udp_port(),
             business_hb: udp_port(),
-            api_url: format!("http://{name}.invalid"),
+            api_url: format!("https://{name}.invalid"),
+            api_trust_pem: None,
         }),
         timing: timing(),
     }

@@ -1,5 +1,6 @@
 //! Test harness: runs the real `pairvisor serve` binary on a temporary data
-//! directory and talks to it over HTTP, like an administrator would.
+//! directory and talks to it over HTTPS, like an administrator would,
+//! trusting only the CA the daemon made for itself.
 #![allow(dead_code)]
 
 use serde_json::{json, Value};
@@ -28,6 +29,49 @@ pub fn guest() -> (String, String) {
         d.display()
     );
     (k.display().to_string(), i.display().to_string())
+}
+
+/// An HTTPS client (blocking) that trusts only the certificates in `ca`.
+pub fn https_client(ca: &Path) -> reqwest::blocking::Client {
+    https_client_with_timeout(ca, Duration::from_secs(120))
+}
+
+/// [`https_client`] with a request timeout.
+pub fn https_client_with_timeout(ca: &Path, timeout: Duration) -> reqwest::blocking::Client {
+    let pem = std::fs::read(ca).unwrap_or_else(|e| panic!("{}: {e}", ca.display()));
+    let mut b = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .timeout(timeout);
+    for c in reqwest::Certificate::from_pem_bundle(&pem).expect("CA PEM") {
+        b = b.add_root_certificate(c);
+    }
+    b.build().expect("https client")
+}
+
+/// A raw TLS connection to `addr` (host:port) that trusts only `ca`, for
+/// tests that need to misbehave below HTTP (half-sent bodies).
+pub fn tls_stream(
+    addr: &str,
+    ca: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("CA file") {
+        roots.add(c.expect("CA certificate")).expect("CA usable");
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).expect("server name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(addr).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
 }
 
 pub struct Daemon {
@@ -106,9 +150,19 @@ impl Daemon {
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("daemon did not start; log:\n{}", self.log()));
         // Keep the same port across restarts.
-        self.listen = url.trim_start_matches("http://").to_string();
+        self.listen = url.trim_start_matches("https://").to_string();
         self.url = url;
         self.child = Some(child);
+    }
+
+    /// The CA the daemon made for its API (what an administrator imports).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data.path().join("tls/api-ca.pem")
+    }
+
+    /// An HTTPS client that trusts exactly the daemon's CA.
+    pub fn http(&self) -> reqwest::blocking::Client {
+        https_client(&self.ca_file())
     }
 
     pub fn log(&self) -> String {
@@ -154,10 +208,7 @@ impl Daemon {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let c = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .unwrap();
+        let c = self.http();
         let mut rb = c.request(
             method.parse().unwrap(),
             format!("{}/api/v1{path}", self.url),
@@ -177,8 +228,8 @@ impl Daemon {
 
     /// Sends a raw body (not JSON) with a content type.
     pub fn call_raw(&self, method: &str, path: &str, body: Vec<u8>, ctype: &str) -> (u16, Value) {
-        let c = reqwest::blocking::Client::new();
-        let resp = c
+        let resp = self
+            .http()
             .request(
                 method.parse().unwrap(),
                 format!("{}/api/v1{path}", self.url),
