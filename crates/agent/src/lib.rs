@@ -24,7 +24,7 @@ pub use error::{AgentError, Result};
 pub use migrate::{MigrateRequest, MigrationEstimate, MigrationView, RemedyRequest};
 pub use paths::Paths;
 pub use types::*;
-pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink};
+pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink, UnitTls};
 
 use pairvisor_hypervisor::{QemuVm, QmpEvent};
 use pairvisor_model::admission::{self, Holder, PmResources, SystemReserve};

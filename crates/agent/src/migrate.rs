@@ -22,7 +22,9 @@
 
 use crate::unit::OpenMirror;
 use crate::{Agent, AgentError, Intent, Result};
-use pairvisor_hypervisor::migration::{MigrationCaps, MigrationParams, MigrationStatus};
+use pairvisor_hypervisor::migration::{
+    MigrationCaps, MigrationParams, MigrationStatus, TlsEndpoint,
+};
 use pairvisor_hypervisor::QemuVm;
 use pairvisor_mirror::volume::LinkState;
 use pairvisor_mirror::Role;
@@ -123,6 +125,8 @@ pub struct MigrationView {
     pub qemu_downtime_ms: Option<u64>,
     /// Total time, ms.
     pub total_ms: Option<u64>,
+    /// The memory stream runs over TLS with the PMs' unit certificates.
+    pub encrypted: bool,
 }
 
 /// Live state of the migrations this PM drives (source side).
@@ -163,7 +167,71 @@ fn status_word(s: &MigrationStatus) -> String {
     }
 }
 
+/// QEMU's id of the migration stream's TLS credentials.
+const MIGRATION_TLS: &str = "pv-migration-tls";
+
 impl Agent {
+    /// Puts QEMU's migration stream under TLS with this PM's unit
+    /// certificate: the VM's memory crosses between the PMs encrypted, and
+    /// each end checks that the other holds a certificate of the unit CA
+    /// (the source also checks the destination's name). QEMU reads the
+    /// files when the object is created; they are removed right after, so
+    /// the key does not linger in the run directory.
+    /// True when TLS was set up (always, in a unit).
+    async fn migration_tls(&self, q: &QemuVm, vm_id: &str, end: TlsEndpoint) -> Result<bool> {
+        let Some(unit) = self.unit() else {
+            return Ok(false);
+        };
+        let partner = unit.partner().ok_or_else(|| {
+            AgentError::Conflict("the unit has no partner PM to migrate with".into())
+        })?;
+        let tls = unit.unit_tls();
+        let dir = self.inner.paths.vm_run_dir(vm_id).join("migration-tls");
+        let side = match end {
+            TlsEndpoint::Server => "server",
+            TlsEndpoint::Client => "client",
+        };
+        let write = |name: &str, data: &str, mode: u32| -> std::io::Result<()> {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(dir.join(name))?;
+            f.write_all(data.as_bytes())
+        };
+        let files = (|| {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            write("ca-cert.pem", &tls.ca_cert, 0o644)?;
+            write(&format!("{side}-cert.pem"), &tls.cert, 0o644)?;
+            write(&format!("{side}-key.pem"), &tls.key, 0o600)
+        })();
+        let added = match files {
+            Ok(()) => {
+                crate::bounded("migration TLS", q.add_tls_creds(MIGRATION_TLS, &dir, end)).await
+            }
+            Err(source) => Err(AgentError::Io {
+                context: format!("writing the migration TLS files in {}", dir.display()),
+                source,
+            }),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        added?;
+        crate::bounded(
+            "migration TLS parameters",
+            q.set_migration_params(MigrationParams {
+                tls_creds: Some(MIGRATION_TLS.into()),
+                tls_hostname: (end == TlsEndpoint::Client).then_some(partner.tls_name),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        Ok(true)
+    }
+
     fn migration_record(&self, vm: &str) -> Result<Option<MigrationRecord>> {
         Ok(self.store().get::<MigrationRecord>(vm)?)
     }
@@ -445,9 +513,14 @@ impl Agent {
             q.set_migration_params(MigrationParams {
                 max_bandwidth_bps: (mrec.bandwidth_bps > 0).then_some(mrec.bandwidth_bps),
                 downtime_limit_ms: Some(mrec.max_downtime_ms),
+                ..Default::default()
             }),
         )
         .await?;
+        let vm_id = self.load_vm(&name)?.id;
+        if self.migration_tls(q, &vm_id, TlsEndpoint::Client).await? {
+            self.set_view(&name, |v| v.encrypted = true);
+        }
         crate::bounded("migrate", q.migrate(&format!("tcp:{}", mrec.listen))).await?;
         self.store().write(|tx| {
             if let Some(mut m) = tx.get::<MigrationRecord>(&name)? {
@@ -661,8 +734,8 @@ impl Agent {
                 crate::bounded(
                     "migration parameters",
                     q.set_migration_params(MigrationParams {
-                        max_bandwidth_bps: None,
                         downtime_limit_ms: Some(ms),
+                        ..Default::default()
                     }),
                 )
                 .await?;
@@ -810,6 +883,8 @@ impl Agent {
                 }),
             )
             .await?;
+            self.migration_tls(&qemu, &rec.id, TlsEndpoint::Server)
+                .await?;
             crate::bounded(
                 "migrate-incoming",
                 qemu.migrate_incoming(&format!("tcp:{}", m.listen)),

@@ -25,6 +25,28 @@ pub struct PartnerLink {
     pub name: String,
     /// Host (IP) of its replication listeners, on the private link.
     pub repl_host: String,
+    /// The name its unit certificate carries (checked by the migration
+    /// stream's TLS).
+    pub tls_name: String,
+}
+
+/// This PM's unit certificate, key and the unit CA (PEM), for QEMU's
+/// migration stream: PM-to-PM memory traffic is encrypted and both ends
+/// prove they belong to the unit.
+#[derive(Clone)]
+pub struct UnitTls {
+    /// The unit CA certificate.
+    pub ca_cert: String,
+    /// This PM's certificate.
+    pub cert: String,
+    /// This PM's private key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for UnitTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UnitTls { key: <redacted>, .. }")
+    }
 }
 
 /// What the agent needs from the unit layer.
@@ -42,6 +64,8 @@ pub trait UnitLink: Send + Sync {
     fn holds_lease(&self) -> bool;
     /// How long the lease still runs (None: not held).
     fn lease_remaining(&self) -> Option<std::time::Duration>;
+    /// This PM's unit certificate for the migration stream.
+    fn unit_tls(&self) -> UnitTls;
 }
 
 /// A PM whose lease has not been renewed for this long before its expiry

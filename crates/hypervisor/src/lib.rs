@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 pub use migration::{
-    DirtyRate, MigrationCaps, MigrationParams, MigrationProgress, MigrationStatus,
+    DirtyRate, MigrationCaps, MigrationParams, MigrationProgress, MigrationStatus, TlsEndpoint,
 };
 pub use qga::QgaError;
 pub use qmp::{DumpProgress, DumpStatus, QmpClient, QmpError, QmpEvent, RunState};

@@ -126,12 +126,28 @@ pub struct MigrationCaps {
 }
 
 /// Migration parameters; may also change while a migration runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MigrationParams {
     /// Bandwidth cap, bytes per second.
     pub max_bandwidth_bps: Option<u64>,
     /// Maximum downtime allowed for the switch-over, ms.
     pub downtime_limit_ms: Option<u64>,
+    /// Id of a `tls-creds-x509` object (see [`QemuVm::add_tls_creds`]):
+    /// the migration stream runs over TLS with it.
+    pub tls_creds: Option<String>,
+    /// Source side: the name the destination's certificate must carry.
+    pub tls_hostname: Option<String>,
+}
+
+/// Which end of a TLS connection a QEMU credentials object serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEndpoint {
+    /// Accepts connections (the migration destination); files
+    /// `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    Server,
+    /// Connects (the migration source); files `ca-cert.pem`,
+    /// `client-cert.pem`, `client-key.pem`.
+    Client,
 }
 
 /// A dirty-rate measurement (M4 pre-flight).
@@ -175,11 +191,51 @@ impl QemuVm {
         if let Some(d) = p.downtime_limit_ms {
             args.insert("downtime-limit".into(), json!(d));
         }
+        if let Some(c) = p.tls_creds {
+            args.insert("tls-creds".into(), json!(c));
+        }
+        if let Some(h) = p.tls_hostname {
+            args.insert("tls-hostname".into(), json!(h));
+        }
         if args.is_empty() {
             return Ok(());
         }
         self.qmp()
             .execute("migrate-set-parameters", Some(Value::Object(args)))
+            .await
+            .map(|_| ())
+            .map_err(mig_err)
+    }
+
+    /// Creates (or replaces) the TLS credentials object `id` from the PEM
+    /// files in `dir` (QEMU's names, see [`TlsEndpoint`]); the peer must
+    /// present a certificate of the same CA.
+    pub async fn add_tls_creds(
+        &self,
+        id: &str,
+        dir: &std::path::Path,
+        endpoint: TlsEndpoint,
+    ) -> Result<(), VmError> {
+        // A retried migration finds the previous object: replace it.
+        let _ = self
+            .qmp()
+            .execute("object-del", Some(json!({ "id": id })))
+            .await;
+        let endpoint = match endpoint {
+            TlsEndpoint::Server => "server",
+            TlsEndpoint::Client => "client",
+        };
+        self.qmp()
+            .execute(
+                "object-add",
+                Some(json!({
+                    "qom-type": "tls-creds-x509",
+                    "id": id,
+                    "dir": dir.display().to_string(),
+                    "endpoint": endpoint,
+                    "verify-peer": true,
+                })),
+            )
             .await
             .map(|_| ())
             .map_err(mig_err)

@@ -59,6 +59,7 @@ async fn live_migration_hands_over_and_the_guest_continues() {
     a.set_migration_params(MigrationParams {
         downtime_limit_ms: Some(300),
         max_bandwidth_bps: Some(1 << 30),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -147,6 +148,7 @@ async fn dirtying_guest_is_not_converging_and_pause_finishes_it() {
     a.set_migration_params(MigrationParams {
         downtime_limit_ms: Some(300),
         max_bandwidth_bps: Some(cap),
+        ..Default::default()
     })
     .await
     .unwrap();
@@ -184,6 +186,7 @@ async fn dirtying_guest_is_not_converging_and_pause_finishes_it() {
     a.set_migration_params(MigrationParams {
         max_bandwidth_bps: Some(1 << 30),
         downtime_limit_ms: Some(2000),
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -13,7 +13,7 @@ pub mod failover;
 pub mod maintenance;
 pub mod unitstore;
 
-use pairvisor_agent::{Agent, PartnerLink, UnitLink};
+use pairvisor_agent::{Agent, PartnerLink, UnitLink, UnitTls};
 use pairvisor_unit::{LeaseKeeper, UnitService};
 use pairvisor_unitdb::{Batch, UnitDb};
 use std::sync::Arc;
@@ -63,6 +63,7 @@ impl UnitLink for PmLink {
             .map(|p| PartnerLink {
                 name: p.addrs.name.clone(),
                 repl_host: host_of(&p.addrs.private_hb),
+                tls_name: pairvisor_unitdb::node_name(p.node_id),
             })
     }
 
@@ -80,6 +81,15 @@ impl UnitLink for PmLink {
 
     fn lease_remaining(&self) -> Option<std::time::Duration> {
         self.lease.expires_in()
+    }
+
+    fn unit_tls(&self) -> UnitTls {
+        let p = self.db.node_pem();
+        UnitTls {
+            ca_cert: p.ca_cert,
+            cert: p.cert,
+            key: p.key,
+        }
     }
 }
 

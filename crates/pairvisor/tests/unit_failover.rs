@@ -393,6 +393,10 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     assert_eq!(s, 200, "{v}");
     let m = migration_done(&mut a, "demo", 120);
     assert_eq!(m["phase"], "done", "{m:#}");
+    assert_eq!(
+        m["encrypted"], true,
+        "memory crosses between PMs over TLS: {m:#}"
+    );
     let downtime = m["downtime_ms"].as_u64().unwrap();
     println!(
         "{}",

@@ -39,5 +39,5 @@ pub use node::{
     NODES_TABLE,
 };
 pub use storage::DiskError;
-pub use tls::{JoinToken, NodeIdentity, TlsError, UnitCa};
+pub use tls::{node_name, JoinToken, NodeIdentity, NodePem, TlsError, UnitCa};
 pub use types::*;

@@ -511,6 +511,12 @@ impl UnitDb {
         &self.inner.identity.unit_name
     }
 
+    /// This node's certificate material, for this node's other TLS
+    /// endpoints (QEMU's migration stream between the PMs).
+    pub fn node_pem(&self) -> crate::tls::NodePem {
+        self.inner.identity.node_pem()
+    }
+
     /// Forms a new unit with `members` as its voters (this node among them).
     /// Only for a node that never belonged to a unit.
     pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {

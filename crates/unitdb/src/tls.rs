@@ -237,6 +237,42 @@ pub struct NodeIdentity {
     ca_key_pem: Option<String>,
 }
 
+/// A node's certificate, key and the unit CA in PEM, and the name its
+/// certificate carries (see [`node_name`]).
+#[derive(Clone)]
+pub struct NodePem {
+    /// The unit CA certificate.
+    pub ca_cert: String,
+    /// This node's certificate.
+    pub cert: String,
+    /// This node's private key.
+    pub key: String,
+    /// The DNS name in the certificate.
+    pub name: String,
+}
+
+impl fmt::Debug for NodePem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodePem")
+            .field("name", &self.name)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl NodeIdentity {
+    /// The certificate material in PEM (the key included: only for this
+    /// node's own processes).
+    pub fn node_pem(&self) -> NodePem {
+        NodePem {
+            ca_cert: self.ca_cert_pem.clone(),
+            cert: self.cert_pem.clone(),
+            key: self.key_pem.clone(),
+            name: node_name(self.node_id),
+        }
+    }
+}
+
 impl fmt::Debug for NodeIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NodeIdentity")
