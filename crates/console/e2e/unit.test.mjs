@@ -266,6 +266,8 @@ async function main() {
     const shownMs = Number(await page.getAttribute('#migration-downtime', 'data-ms'));
     const m1 = (await apiCall('GET', `/vms/${VM}/migration`)).data;
     assert(m1.phase === 'done' && m1.dest === 'pm-b', `the API agrees: ${JSON.stringify(m1)}`);
+    assert(m1.encrypted === true && (await page.getAttribute('#migration-stream', 'data-encrypted')) === 'true',
+      'the panel says the memory stream was encrypted');
     assert(shownMs === m1.downtime_ms && shownMs > 0, `the panel shows the measured downtime (${shownMs} ms; API ${m1.downtime_ms} ms)`);
     assert((await page.textContent('#migration-result')).includes('runs on pm-b'), 'the panel says where the VM runs now');
     await page.waitForSelector('#vm-host:has-text("pm-b")', { timeout: 30000 });
