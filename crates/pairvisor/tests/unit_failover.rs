@@ -281,13 +281,13 @@ fn killed_pm_fails_over_without_losing_acknowledged_writes() {
     let why = vm["redundancy_alert"].as_str().unwrap_or_default();
     assert!(why.contains("not fully redundant"), "{vm:#}");
     // Every acknowledged block is on the survivor's replica.
-    b.type_line(&id, &format!("pv verify 7 {}", acked + 1));
-    let verdict = until("verify result", 60, || {
-        let c = b.console(&id);
-        c.lines()
-            .find(|l| l.contains("pv-guest: verify "))
-            .map(str::to_string)
-    });
+    let verdict = guest_answer(
+        &b,
+        &id,
+        &format!("pv verify 7 {}", acked + 1),
+        "pv-guest: verify ",
+        60,
+    );
     assert!(
         verdict.contains(&format!("verify ok 7 {}", acked + 1)),
         "{verdict}"
@@ -360,6 +360,29 @@ fn wait_console(pm: &Pm, id: &str, needle: &str, secs: u64) {
         secs,
         || pm.console(id).contains(needle).then_some(()),
     );
+}
+
+/// Types a read-only guest command (`pv verify ...`) and returns the first
+/// console line with `needle`. A guest that has just booted on a PM may not
+/// be reading its console yet (the line is lost, not queued), so the
+/// command is typed again every 15 s until `secs` have passed.
+fn guest_answer(pm: &Pm, id: &str, line: &str, needle: &str, secs: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        pm.type_line(id, line);
+        let retry = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < retry.min(deadline) {
+            if let Some(l) = pm.console(id).lines().find(|l| l.contains(needle)) {
+                return l.to_string();
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {secs} s: '{needle}' on {}'s console after typing '{line}'",
+            pm.name
+        );
+    }
 }
 
 /// Follows a migration to its end through `pm`'s API.
@@ -562,8 +585,8 @@ fn without_witness_no_takeover_until_quorum_is_forced() {
         b.vm("demo")
             .filter(|v| v["host"] == "pm-b" && v["pid"].is_number() && v["state"] == "running")
     });
-    b.type_line(&id, "pv verify 21 64");
-    wait_console(&b, &id, "pv-guest: verify ok 21 64", 60);
+    let v = guest_answer(&b, &id, "pv verify 21 64", "pv-guest: verify ", 60);
+    assert!(v.contains("verify ok 21 64"), "{v}");
 
     // Work On with no partner to take the VM: refused unless confirmed,
     // then the VM is shut down instead of migrated (U3).
@@ -739,8 +762,8 @@ fn pms_that_lose_each_other_but_reach_the_witness_never_both_run_the_vm() {
             .filter(|v| v["state"] == "running" && v["pid"].is_number())
     });
     assert_eq!(vm["host"], on, "{vm}");
-    winner.type_line(&id, "pv verify 31 32");
-    wait_console(winner, &id, "pv-guest: verify ok 31 32", 60);
+    let v = guest_answer(winner, &id, "pv verify 31 32", "pv-guest: verify ", 60);
+    assert!(v.contains("verify ok 31 32"), "{v}");
     lab(dir.path(), &["down"]);
 }
 
