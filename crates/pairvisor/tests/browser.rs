@@ -58,6 +58,11 @@ fn browser_console_end_to_end() {
         Some(json!({"name": "op", "role": "operator", "password": OPERATOR_PASSWORD})),
     );
     let shots = workspace().join("target/screenshots");
+    let net =
+        common::browser_net::BrowserNet::new(&[common::browser_net::url_addr(&d.url)], &chromium());
+    let browser = net
+        .as_ref()
+        .map_or_else(chromium, |n| n.chromium.display().to_string());
     let mut cmd = Command::new("node");
     cmd.arg(&script)
         .current_dir(&console)
@@ -71,7 +76,7 @@ fn browser_console_end_to_end() {
         .env("PV_KERNEL", kernel)
         .env("PV_INITRD", initrd)
         .env("PV_SCREENSHOTS", &shots)
-        .env("PV_CHROMIUM", chromium());
+        .env("PV_CHROMIUM", browser);
     let iso = guest_dir().join("guest.iso");
     if iso.is_file() {
         cmd.env("PV_ISO", iso);

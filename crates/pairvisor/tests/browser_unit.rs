@@ -46,18 +46,6 @@ fn chromium() -> String {
     std::env::var("PV_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into())
 }
 
-/// Whether the effective user is root (network namespaces need it).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|u| u.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
 fn lab(dir: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())
         .arg("lab")
@@ -149,7 +137,7 @@ fn until<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
 
 #[test]
 fn browser_console_drives_a_two_pm_unit() {
-    if !is_root() {
+    if !common::is_root() {
         eprintln!("skipped: the unit browser test needs root (network namespaces for the lab)");
         return;
     }
@@ -204,6 +192,15 @@ fn browser_console_drives_a_two_pm_unit() {
     });
 
     let shots = workspace().join("target/screenshots");
+    let pm_urls = [url.clone(), api_url(path, "pm-b")];
+    let addrs: Vec<_> = pm_urls
+        .iter()
+        .map(|u| common::browser_net::url_addr(u))
+        .collect();
+    let net = common::browser_net::BrowserNet::new(&addrs, &chromium());
+    let browser = net
+        .as_ref()
+        .map_or_else(chromium, |n| n.chromium.display().to_string());
     let out = Command::new("node")
         .arg(&script)
         .current_dir(&console)
@@ -215,7 +212,7 @@ fn browser_console_drives_a_two_pm_unit() {
         .env("PV_LAB_DIR", path)
         .env("PV_VM", "demo")
         .env("PV_SCREENSHOTS", &shots)
-        .env("PV_CHROMIUM", chromium())
+        .env("PV_CHROMIUM", browser)
         .output()
         .expect("run node (is nodejs installed?)");
     let stdout = String::from_utf8_lossy(&out.stdout);
