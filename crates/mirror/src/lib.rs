@@ -13,6 +13,7 @@
 //!
 //! See the crate's README.md for protocols and on-disk formats.
 
+pub mod bufpool;
 pub mod control;
 pub mod genid;
 pub mod locks;

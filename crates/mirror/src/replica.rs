@@ -467,6 +467,26 @@ impl Replica {
         Ok(())
     }
 
+    /// Starts writing `[offset, offset+len)` back to disk without waiting
+    /// for it (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so that a later
+    /// [`Self::sync_data`] has less left to do. Only a hint: durability
+    /// still comes from `sync_data`, which also reports write-back errors.
+    pub fn start_writeback(&self, offset: u64, len: u64) {
+        if self.check(offset, len).is_err() || len == 0 {
+            return;
+        }
+        // SAFETY: sync_file_range on a valid, owned descriptor with a range
+        // inside the file; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                self.data.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+
     /// Makes every data write completed before the call durable (group
     /// commit with concurrent callers).
     pub fn sync_data(&self) -> Result<()> {
@@ -485,6 +505,14 @@ impl Replica {
     /// Marks regions dirty and returns once the marks are durable.
     pub fn mark_dirty(&self, regions: std::ops::Range<u64>) -> Result<()> {
         self.set_dirty(regions)
+    }
+
+    /// True if every region in `regions` is marked and the marks are
+    /// durable: [`Self::mark_dirty`] would return at once.
+    pub fn is_marked(&self, regions: std::ops::Range<u64>) -> bool {
+        let bm = self.bitmap_lock();
+        regions.into_iter().all(|r| bm.bits.get(r))
+            && self.bitmap_sync.is_durable(bm.last_set_ticket)
     }
 
     /// Adds every region set in `bits` and waits until durable.

@@ -50,6 +50,12 @@ impl GroupSync {
         st.issued
     }
 
+    /// True if the write with `ticket` is durable (without waiting).
+    pub fn is_durable(&self, ticket: u64) -> bool {
+        let st = self.lock();
+        st.failed.is_none() && st.durable >= ticket
+    }
+
     /// The highest ticket issued so far.
     pub fn issued(&self) -> u64 {
         self.lock().issued

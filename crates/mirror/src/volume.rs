@@ -223,6 +223,9 @@ pub struct StatsSnapshot {
     pub replication_latency_avg_us: f64,
     /// Largest replication latency seen, microseconds.
     pub replication_latency_max_us: u64,
+    /// Writes replicated cut-through: sent to the partner chunk by chunk
+    /// while their data was still arriving.
+    pub streamed_writes: u64,
     /// The S9 sync-link advice for these numbers.
     pub sync_link_advice: SyncLinkAdvice,
 }
@@ -289,6 +292,7 @@ struct Stats {
     repl_ops: AtomicU64,
     repl_ns: AtomicU64,
     repl_max_ns: AtomicU64,
+    streamed: AtomicU64,
 }
 
 struct ResyncProgress {
@@ -360,6 +364,13 @@ enum Op {
     Write { offset: u64, data: Arc<Vec<u8>> },
     Zero { offset: u64, len: u64 },
     Flush,
+}
+
+/// Returns a payload buffer to the pool once nobody else holds it.
+fn recycle(data: Arc<Vec<u8>>) {
+    if let Ok(v) = Arc::try_unwrap(data) {
+        crate::bufpool::put(v);
+    }
 }
 
 fn durable_flag(durable: bool) -> u16 {
@@ -491,6 +502,12 @@ impl Volume {
         }
     }
 
+    /// True while a replication link to the partner is up (in sync or
+    /// resyncing).
+    pub fn is_replicating(&self) -> bool {
+        self.active_link().is_some()
+    }
+
     fn active_link(&self) -> Option<Arc<PeerLink>> {
         let l = self.lock().link.clone()?;
         l.is_alive().then_some(l)
@@ -550,14 +567,14 @@ impl Volume {
         if len == 0 {
             return Ok(());
         }
-        self.modify(
-            Op::Write {
-                offset,
-                data: Arc::new(data),
-            },
-            fua,
-        )
-        .await?;
+        let data = Arc::new(data);
+        let op = Op::Write {
+            offset,
+            data: data.clone(),
+        };
+        let res = self.modify(op, fua).await;
+        recycle(data);
+        res?;
         self.stats.write_ops.fetch_add(1, Ordering::Relaxed);
         self.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
@@ -590,9 +607,12 @@ impl Volume {
             .shared(regions.clone(), offset, offset + len)
             .await;
         // As in `modify`: the mark is durable before any byte reaches disk,
-        // and the link is taken after the mark.
-        let rs = regions.clone();
-        self.blocking(move |r| r.mark_dirty(rs)).await?;
+        // and the link is taken after the mark. The caller's next request
+        // waits for this, so a hot region does not pay for a thread hop.
+        if !self.replica.is_marked(regions.clone()) {
+            let rs = regions.clone();
+            self.blocking(move |r| r.mark_dirty(rs)).await?;
+        }
         self.locks.touch(regions);
         Ok(StreamedWrite {
             vol: self.clone(),
@@ -1064,6 +1084,7 @@ impl Volume {
                 replicated_ops: repl_ops,
                 replication_latency_avg_us: repl_avg,
                 replication_latency_max_us: s.repl_max_ns.load(Ordering::Relaxed) / 1000,
+                streamed_writes: s.streamed.load(Ordering::Relaxed),
                 sync_link_advice: sync_advice::advise(st.write_rate, avg),
             },
             last_verify: st.last_verify.clone(),
@@ -1706,6 +1727,8 @@ impl Volume {
         }
         let _w = AbortOnDrop(writer.abort_handle());
         let slots = Arc::new(Semaphore::new(256));
+        let parts = Arc::new(Parts::default());
+        let mut part_seq = 0u64;
         loop {
             let mut hdr = [0u8; Frame::LEN];
             rd.read_exact(&mut hdr)
@@ -1716,24 +1739,22 @@ impl Volume {
             if payload_len > MAX_FRAME_PAYLOAD {
                 return Err(format!("frame payload {payload_len} too large"));
             }
-            let mut payload = vec![0u8; payload_len as usize];
+            let mut payload = crate::bufpool::get(payload_len as usize);
             rd.read_exact(&mut payload)
                 .await
                 .map_err(|e| format!("primary connection closed: {e}"))?;
             if self.role() != Role::Secondary || self.replica.meta().epoch != epoch {
                 return Err("a newer primary took over; closing".into());
             }
-            if f.flags & F_PART != 0 {
-                // A non-final chunk of a streamed write is applied before
-                // the next frame is read: when the final chunk syncs, every
-                // earlier chunk is already written.
-                let gate = self.frame_gate.clone().read_owned().await;
-                let reply = self.apply_frame(f, payload, gate, conn).await;
-                tx.send(reply)
-                    .await
-                    .map_err(|_| "reply writer closed".to_string())?;
-                continue;
-            }
+            // Frames run concurrently. A chunk of a streamed write that is
+            // not the last one (PART) is numbered; a frame that makes data
+            // durable first waits until every PART received before it is
+            // written, so that the final chunk's sync covers the whole write.
+            let part = (f.flags & F_PART != 0).then(|| {
+                part_seq += 1;
+                parts.start(part_seq)
+            });
+            let barrier = (part.is_none() && makes_durable(&f)).then_some(part_seq);
             let permit = slots
                 .clone()
                 .acquire_owned()
@@ -1741,9 +1762,16 @@ impl Volume {
                 .map_err(|_| "closed".to_string())?;
             let me = self.clone();
             let tx = tx.clone();
+            let parts = parts.clone();
             tokio::spawn(async move {
-                let gate = me.frame_gate.clone().read_owned().await;
-                let reply = me.apply_frame(f, payload, gate, conn).await;
+                if let Some(upto) = barrier {
+                    parts.wait_upto(upto).await;
+                }
+                let hold = FrameHold {
+                    _gate: me.frame_gate.clone().read_owned().await,
+                    _part: part,
+                };
+                let reply = me.apply_frame(f, payload, hold, conn).await;
                 let _ = tx.send(reply).await;
                 drop(permit);
             });
@@ -1752,15 +1780,9 @@ impl Volume {
 
     /// Applies one frame of connection `conn`, unless a newer connection
     /// took over, and encodes the reply.
-    async fn apply_frame(
-        &self,
-        f: Frame,
-        payload: Vec<u8>,
-        gate: OwnedRwLockReadGuard<()>,
-        conn: u64,
-    ) -> Vec<u8> {
+    async fn apply_frame(&self, f: Frame, payload: Vec<u8>, hold: FrameHold, conn: u64) -> Vec<u8> {
         let res = if self.current_incoming() == Some(conn) {
-            self.execute_frame(f, payload, gate).await
+            self.execute_frame(f, payload, hold).await
         } else {
             Err(IoError::new(EIO, "a newer primary connection took over"))
         };
@@ -1789,7 +1811,7 @@ impl Volume {
         &self,
         f: Frame,
         payload: Vec<u8>,
-        gate: OwnedRwLockReadGuard<()>,
+        gate: FrameHold,
     ) -> Result<Vec<u8>, IoError> {
         if f.flags & !F_KNOWN != 0 {
             return Err(IoError::new(
@@ -1801,6 +1823,7 @@ impl Volume {
             return Err(IoError::new(EINVAL, "PART is only valid on WRITE"));
         }
         let durable = f.flags & F_DURABLE != 0;
+        let part = f.flags & F_PART != 0;
         match f.kind {
             K_WRITE => {
                 if !region::in_bounds(f.offset, payload.len() as u64, self.size) {
@@ -1810,7 +1833,12 @@ impl Volume {
                 self.blocking(move |r| {
                     let _gate = gate;
                     r.write_at(&payload, off)?;
-                    if durable {
+                    let len = payload.len() as u64;
+                    crate::bufpool::put(payload);
+                    if durable && part {
+                        // The final chunk's sync makes it durable; start now.
+                        r.start_writeback(off, len);
+                    } else if durable {
                         r.sync_data()?;
                     }
                     Ok(Vec::new())
@@ -1875,6 +1903,76 @@ impl Volume {
             )),
         }
     }
+}
+
+/// True for a frame after which data must be durable: it waits for the
+/// PART frames received before it (see `serve_frames`).
+fn makes_durable(f: &Frame) -> bool {
+    f.flags & F_DURABLE != 0 || matches!(f.kind, K_FLUSH | K_RESYNC_DONE)
+}
+
+/// Secondary, per connection: the PART frames (by arrival number) still
+/// being written.
+#[derive(Default)]
+struct Parts {
+    inflight: Mutex<std::collections::BTreeSet<u64>>,
+    done: Notify,
+}
+
+/// A PART frame being written; dropped when it is.
+struct PartGuard {
+    parts: Arc<Parts>,
+    seq: u64,
+}
+
+impl Parts {
+    fn start(self: &Arc<Self>, seq: u64) -> PartGuard {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(seq);
+        PartGuard {
+            parts: self.clone(),
+            seq,
+        }
+    }
+
+    /// Waits until every PART frame numbered `upto` or lower was written.
+    async fn wait_upto(&self, upto: u64) {
+        loop {
+            let n = self.done.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            let first = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+                .copied();
+            if first.is_none_or(|s| s > upto) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+impl Drop for PartGuard {
+    fn drop(&mut self) {
+        self.parts
+            .inflight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.seq);
+        self.parts.done.notify_waiters();
+    }
+}
+
+/// What a frame holds until its storage work is done: the connection gate
+/// (shared) and, for a PART frame, its place among the PARTs in flight.
+struct FrameHold {
+    _gate: OwnedRwLockReadGuard<()>,
+    _part: Option<PartGuard>,
 }
 
 /// A write whose data arrives in chunks and is replicated as it arrives
@@ -1953,17 +2051,19 @@ impl StreamedWrite {
         let last = self.pushed == self.len;
         let data = Arc::new(chunk);
         let (r, held, d) = (self.vol.replica.clone(), self.guard.clone(), data.clone());
+        let writeback = self.durable && !last;
         self.local.push(tokio::task::spawn_blocking(move || {
             let _held = held;
-            r.write_at(&d, off)
+            r.write_at(&d, off)?;
+            if writeback {
+                // The sync in `finish` will need it on disk anyway.
+                r.start_writeback(off, d.len() as u64);
+            }
+            Ok(())
         }));
         self.chunks.push(data.clone());
         if let (Some(link), None) = (&self.link, &self.remote_failed) {
-            let flags = if last {
-                durable_flag(self.durable)
-            } else {
-                F_PART
-            };
+            let flags = durable_flag(self.durable) | if last { 0 } else { F_PART };
             self.started.get_or_insert_with(Instant::now);
             self.sending = true;
             let res = link.send_shared(K_WRITE, flags, off, data).await;
@@ -1972,6 +2072,10 @@ impl StreamedWrite {
                 Ok(p) => self.remote.push(p),
                 Err(e) => self.remote_failed = Some(e.to_string()),
             }
+            // Let the link's writer send this chunk before the caller reads
+            // the next one (with one worker thread it would otherwise wait
+            // until the caller blocks, i.e. usually for the whole payload).
+            tokio::task::yield_now().await;
         }
         Ok(())
     }
@@ -2017,6 +2121,7 @@ impl StreamedWrite {
                 if let Some(t) = self.started {
                     vol.note_replication(t.elapsed());
                 }
+                vol.stats.streamed.fetch_add(1, Ordering::Relaxed);
             }
             _ => {
                 let data = if self.chunks.len() == 1 {
@@ -2043,6 +2148,9 @@ impl StreamedWrite {
 
 impl Drop for StreamedWrite {
     fn drop(&mut self) {
+        for c in self.chunks.drain(..) {
+            recycle(c);
+        }
         if self.done || self.pushed == 0 {
             return;
         }
@@ -2118,7 +2226,8 @@ async fn settle_abandoned(
         why = Some("local write failed".into());
     }
     if why.is_none() && durable {
-        // The chunks went without DURABLE: the final one never came.
+        // The partner wrote the chunks without sync (PART; the final,
+        // syncing chunk never came): a flush makes them durable.
         match link.request(K_FLUSH, 0, 0, 0, &[]).await {
             Ok(rep) if rep.status == 0 => {}
             Ok(rep) => why = Some(format!("partner flush failed: errno {}", rep.status)),
@@ -2151,6 +2260,28 @@ mod tests {
         )
         .unwrap();
         Volume::start(r, VolumeOptions::default())
+    }
+
+    #[tokio::test]
+    async fn durable_frames_wait_for_earlier_parts() {
+        let parts = Arc::new(Parts::default());
+        let (p1, p2) = (parts.start(1), parts.start(2));
+        let nothing_before = tokio::time::timeout(Duration::from_secs(1), parts.wait_upto(0));
+        nothing_before.await.expect("no PART numbered 0 or lower");
+        let waiter = {
+            let parts = parts.clone();
+            tokio::spawn(async move { parts.wait_upto(2).await })
+        };
+        let p3 = parts.start(3); // arrived after the durable frame
+        drop(p2);
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "PART 1 is still being written");
+        drop(p1);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("PARTs 1 and 2 written")
+            .unwrap();
+        drop(p3);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

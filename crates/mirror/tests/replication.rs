@@ -281,17 +281,19 @@ fn streamed_writes_land_on_both_replicas() {
         let pb = b.start("secondary", 0);
         let pa = a.start("primary", 1);
         pa.wait_link("in_sync", T);
-        let writes: &[(u64, u64, bool)] = &[
-            (0, 256 << 10, false),              // exactly the threshold: one chunk
-            (MIB + 4096, MIB, true),            // four chunks, FUA
-            (3 * MIB + 17, 3 * MIB + 5, false), // unaligned, ragged last chunk
-            (9 * MIB, 300_001, true),
-            (12 * MIB, 16 * MIB, false),        // many chunks
-            (29 * MIB, (256 << 10) - 1, false), // just below: the ordinary path
+        // (offset, length, FUA, streamed)
+        let writes: &[(u64, u64, bool, bool)] = &[
+            (0, 512 << 10, false, true),   // exactly the threshold: two chunks
+            (MIB + 4096, MIB, true, true), // four chunks, FUA
+            (3 * MIB + 17, 3 * MIB + 5, false, true), // unaligned, ragged last chunk
+            (9 * MIB, 700_001, true, true),
+            (12 * MIB, 16 * MIB, false, true), // many chunks
+            (29 * MIB, (512 << 10) - 1, false, false), // just below: the ordinary path
+            (30 * MIB, 300_000, true, false),
         ];
         rt().block_on(async {
             let c = NbdClient::connect_tcp(&a.nbd_addr(), "vol").await.unwrap();
-            for (i, &(off, len, fua)) in writes.iter().enumerate() {
+            for (i, &(off, len, fua, _)) in writes.iter().enumerate() {
                 let len = len as usize;
                 let data = pattern(i as u8 * 31 + 1, len);
                 c.write(off, &data, fua).await.unwrap();
@@ -319,6 +321,11 @@ fn streamed_writes_land_on_both_replicas() {
         });
         let s = pa.status();
         assert_eq!(s["stats"]["write_ops"], writes.len() as u64 + 8, "{s}");
+        // One request at a time: each long write was streamed; the
+        // concurrent ones may or may not have been.
+        let streamed = writes.iter().filter(|w| w.3).count() as u64;
+        let n = s["stats"]["streamed_writes"].as_u64().unwrap();
+        assert!((streamed..=streamed + 8).contains(&n), "{s}");
         assert_eq!(s["link"]["state"], "in_sync", "{s}");
         let v = pa.ctl(json!({"cmd":"verify"}));
         assert_eq!(v["result"]["differing_count"], 0, "{durability}: {v}");

@@ -10,7 +10,18 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-type Pending = Arc<Mutex<HashMap<u64, (u32, oneshot::Sender<Result<Vec<u8>, u32>>)>>>;
+/// Where a reply goes: the read length expected and the waiting request.
+type Waiter = (u32, oneshot::Sender<Result<Vec<u8>, u32>>);
+
+/// Requests waiting for their reply, by cookie.
+#[derive(Default)]
+struct Waiters {
+    /// Set when the reply reader stopped: nobody would answer a new waiter.
+    closed: bool,
+    by_cookie: HashMap<u64, Waiter>,
+}
+
+type Pending = Arc<Mutex<Waiters>>;
 
 /// Errors of the client.
 #[derive(Debug, thiserror::Error)]
@@ -115,7 +126,7 @@ impl NbdClient {
             }
         }
         let size = size.ok_or_else(|| ClientError::Protocol("no export info".into()))?;
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::default();
         let p2 = pending.clone();
         tokio::spawn(async move {
             let res: io::Result<()> = async {
@@ -126,7 +137,11 @@ impl NbdClient {
                     }
                     let err = rd.read_u32().await?;
                     let cookie = rd.read_u64().await?;
-                    let entry = p2.lock().unwrap_or_else(|e| e.into_inner()).remove(&cookie);
+                    let entry = p2
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .by_cookie
+                        .remove(&cookie);
                     let Some((rlen, tx)) = entry else {
                         return Err(io::Error::other("reply for unknown cookie"));
                     };
@@ -141,8 +156,11 @@ impl NbdClient {
             }
             .await;
             let _ = res;
-            // Fail everything still pending: dropping the senders does it.
-            p2.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            // Fail everything still pending (dropping the senders does it),
+            // and every later request.
+            let mut p = p2.lock().unwrap_or_else(|e| e.into_inner());
+            p.closed = true;
+            p.by_cookie.clear();
         });
         Ok(NbdClient {
             writer: Arc::new(tokio::sync::Mutex::new(Box::new(wr))),
@@ -164,10 +182,16 @@ impl NbdClient {
     ) -> Result<Vec<u8>, ClientError> {
         let cookie = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, (read_len, tx));
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.closed {
+                return Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "connection closed",
+                )));
+            }
+            p.by_cookie.insert(cookie, (read_len, tx));
+        }
         let hdr = Request {
             flags,
             kind,

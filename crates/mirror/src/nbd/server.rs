@@ -38,13 +38,21 @@ pub enum NbdError {
 /// Most requests processed concurrently on one connection.
 const MAX_IN_FLIGHT: usize = 64;
 
-/// Writes at least this long are streamed: replicated and written chunk by
-/// chunk while their payload is still arriving, instead of after it
-/// arrived whole (see [`Volume::begin_write`]).
-pub const STREAM_MIN: u32 = 256 << 10;
-
 /// Size of the chunks a streamed write is read, replicated and written in.
 pub const STREAM_CHUNK: usize = 256 << 10;
+
+/// Writes at least this long (two chunks) may be streamed: replicated and
+/// written chunk by chunk while their payload is still arriving, instead
+/// of after it arrived whole (see [`Volume::begin_write`]). Shorter ones
+/// gain too little: only what precedes the last chunk is overlapped.
+pub const STREAM_MIN: u32 = 2 * STREAM_CHUNK as u32;
+
+/// Streaming pays while the connection's recent queue depth (requests
+/// already in flight when one arrives, averaged) is below this. With
+/// requests queued, replication already overlaps other requests'
+/// transfers, and chunks cost CPU per byte (more frames, system calls and
+/// replies): on a machine short of CPU, streaming then lowers throughput.
+const STREAM_MAX_DEPTH: f32 = 0.5;
 
 /// Serves a volume over NBD.
 pub struct NbdServer {
@@ -323,6 +331,9 @@ impl NbdServer {
         });
         let session = Arc::new(session);
         let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        // Requests already in flight when one arrives, averaged over about
+        // the last eight requests.
+        let mut depth = 0f32;
         let result = loop {
             let mut hdr = [0u8; Request::LEN];
             match rd.read_exact(&mut hdr).await {
@@ -336,7 +347,9 @@ impl NbdServer {
             if req.kind == CMD_DISC {
                 break Ok(());
             }
-            if self.streamable(&req) {
+            let in_flight = (MAX_IN_FLIGHT - slots.available_permits()) as f32;
+            depth += (in_flight - depth) / 8.0;
+            if depth < STREAM_MAX_DEPTH && self.streamable(&req) {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break Ok(());
                 };
@@ -368,7 +381,7 @@ impl NbdServer {
                         req.length
                     )));
                 }
-                payload = vec![0u8; req.length as usize];
+                payload = crate::bufpool::get(req.length as usize);
                 if let Err(e) = rd.read_exact(&mut payload).await {
                     break Err(e.into());
                 }
@@ -392,14 +405,16 @@ impl NbdServer {
         result
     }
 
-    /// A valid write long enough to be streamed (anything else, including
-    /// errors, takes the ordinary path).
+    /// A valid write long enough to be streamed, while there is a partner to
+    /// stream it to (anything else, including errors, takes the ordinary
+    /// path: without a partner streaming gains nothing).
     fn streamable(&self, req: &Request) -> bool {
         req.kind == CMD_WRITE
             && req.length >= STREAM_MIN
             && req.length <= MAX_PAYLOAD
             && req.flags & !CMD_FLAGS_KNOWN == 0
             && crate::region::in_bounds(req.offset, req.length as u64, self.volume.size())
+            && self.volume.is_replicating()
     }
 
     /// Starts a streamed write and reads its payload into it chunk by
@@ -429,7 +444,7 @@ impl NbdServer {
         let mut left = len;
         while left > 0 {
             let n = left.min(STREAM_CHUNK);
-            let mut chunk = vec![0u8; n];
+            let mut chunk = crate::bufpool::get(n);
             rd.read_exact(&mut chunk).await?;
             left -= n;
             if let Err(e) = w.push(chunk).await {

@@ -4,6 +4,7 @@
 
 use super::proto::*;
 use std::collections::HashMap;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -339,9 +340,20 @@ impl Drop for PeerLink {
 }
 
 async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &Outgoing) -> std::io::Result<()> {
-    wr.write_all(&out.head).await?;
-    if let Some(p) = &out.shared {
-        wr.write_all(p).await?;
+    let Some(p) = &out.shared else {
+        return wr.write_all(&out.head).await;
+    };
+    // Header and data in one call: a header written on its own would leave
+    // as a segment of its own (the socket has TCP_NODELAY), waking the
+    // partner for 32 bytes.
+    let mut bufs = [IoSlice::new(&out.head), IoSlice::new(p)];
+    let mut rest = &mut bufs[..];
+    while !rest.is_empty() {
+        let n = wr.write_vectored(rest).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
     }
     Ok(())
 }

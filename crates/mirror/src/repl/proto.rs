@@ -33,9 +33,13 @@
 //!
 //! A large write is forwarded while its data is still arriving from the NBD
 //! client: one `WRITE` frame per chunk, in order, the non-final ones with
-//! [`F_PART`]. The secondary applies a `PART` frame before reading the next
-//! frame (its other requests run concurrently), so the final chunk's sync
-//! covers the whole write. Every chunk is answered.
+//! [`F_PART`]. The secondary writes every frame concurrently (without sync
+//! for a `PART`), but a frame that makes data durable — `DURABLE` without
+//! `PART`, `FLUSH`, `RESYNC_DONE` — first waits until every `PART` frame
+//! received before it is written: the final chunk's sync covers the whole
+//! write. `PART` with `DURABLE` means "the final chunk will be durable":
+//! the secondary starts writing the chunk back to disk at once, so that the
+//! final sync has less left to do. Every chunk is answered.
 
 use crate::genid::GenIds;
 use crate::replica::Decision;
@@ -75,10 +79,10 @@ pub const K_REPLY: u16 = 0x80;
 pub const F_DURABLE: u16 = 1;
 /// Flag: the write is resync traffic.
 pub const F_RESYNC: u16 = 2;
-/// Flag (`WRITE` only): a non-final chunk of a streamed write. The
-/// secondary applies it (without sync) before it reads the next frame, so
-/// that when the final chunk (without `PART`, with `DURABLE` when the write
-/// must be durable) is synced, every earlier chunk is already written.
+/// Flag (`WRITE` only): a non-final chunk of a streamed write, written
+/// without sync. A later frame that makes data durable (the final chunk,
+/// without `PART` and with `DURABLE` when the write must be durable) waits
+/// until every earlier `PART` frame is written, so its sync covers them.
 pub const F_PART: u16 = 4;
 /// Every flag this version knows; a request with another flag is refused.
 pub const F_KNOWN: u16 = F_DURABLE | F_RESYNC | F_PART;
