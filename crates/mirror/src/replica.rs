@@ -429,6 +429,33 @@ impl Replica {
             .map_err(io_err(&self.data_path(), "read"))
     }
 
+    /// Reads `buf.len()` bytes at `offset` only if they are all in the page
+    /// cache (`preadv2` with `RWF_NOWAIT`), without blocking on the disk;
+    /// false when the caller must use [`Self::read_at`] (not cached, a
+    /// partial or failed read, or a kernel without `RWF_NOWAIT`), which
+    /// also reports errors properly.
+    pub fn read_cached(&self, buf: &mut [u8], offset: u64) -> bool {
+        if self.check(offset, buf.len() as u64).is_err() || buf.is_empty() {
+            return false;
+        }
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: one iovec over `buf`, which we borrow mutably for the
+        // call; the descriptor is ours and stays open.
+        let n = unsafe {
+            libc::preadv2(
+                self.data.as_raw_fd(),
+                &iov,
+                1,
+                offset as libc::off_t,
+                libc::RWF_NOWAIT,
+            )
+        };
+        n >= 0 && n as usize == buf.len()
+    }
+
     /// Writes `data` at `offset` (not yet durable: see [`Self::sync_data`]).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.check(offset, data.len() as u64)?;
@@ -682,6 +709,24 @@ mod tests {
         drop(r);
         let r = Replica::open(&dir).unwrap();
         assert_eq!(r.dirty_count(), 1);
+    }
+
+    #[test]
+    fn cached_reads_copy_from_the_page_cache_and_refuse_the_rest() {
+        let d = tempfile::tempdir().unwrap();
+        let r = Replica::create(&d.path().join("r"), &opts(1 << 20)).unwrap();
+        r.write_at(&[7u8; 8192], 4096).unwrap();
+        let mut buf = [0u8; 8192];
+        assert!(
+            r.read_cached(&mut buf, 4096),
+            "just written: in the page cache"
+        );
+        assert!(buf.iter().all(|&b| b == 7));
+        // Out of range or empty: the caller takes the ordinary path, which
+        // reports the error.
+        assert!(!r.read_cached(&mut buf, (1 << 20) - 4096));
+        assert!(!r.read_cached(&mut [], 0));
+        assert!(r.read_at(&mut buf, (1 << 20) - 4096).is_err());
     }
 
     #[test]

@@ -366,6 +366,10 @@ enum Op {
     Flush,
 }
 
+/// Largest read copied from the page cache on the calling task (see
+/// [`Volume::read`]); longer copies would hold up the runtime's thread.
+const INLINE_READ_MAX: u32 = 256 << 10;
+
 /// Returns a payload buffer to the pool once nobody else holds it.
 fn recycle(data: Arc<Vec<u8>>) {
     if let Ok(v) = Arc::try_unwrap(data) {
@@ -532,13 +536,19 @@ impl Volume {
         if !region::in_bounds(offset, len as u64, self.size) {
             return Err(IoError::new(EINVAL, "read beyond the end of the volume"));
         }
-        let data = self
-            .blocking(move |r| {
-                let mut buf = vec![0u8; len as usize];
+        // Data in the page cache is copied right here: a trip to the
+        // blocking pool costs more than the copy (two thread wake-ups per
+        // 4 KiB read). Only a read that would wait for the disk goes there.
+        let mut buf = vec![0u8; len as usize];
+        let data = if len <= INLINE_READ_MAX && self.replica.read_cached(&mut buf, offset) {
+            buf
+        } else {
+            self.blocking(move |r| {
                 r.read_at(&mut buf, offset)?;
                 Ok(buf)
             })
-            .await?;
+            .await?
+        };
         self.stats.read_ops.fetch_add(1, Ordering::Relaxed);
         self.stats
             .read_bytes
