@@ -187,10 +187,7 @@ impl Agent {
         })?;
         let tls = unit.unit_tls();
         let dir = self.inner.paths.vm_run_dir(vm_id).join("migration-tls");
-        let side = match end {
-            TlsEndpoint::Server => "server",
-            TlsEndpoint::Client => "client",
-        };
+        let side = end.qemu_name();
         let write = |name: &str, data: &str, mode: u32| -> std::io::Result<()> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;

@@ -150,6 +150,17 @@ pub enum TlsEndpoint {
     Client,
 }
 
+impl TlsEndpoint {
+    /// QEMU's word for this end: the `endpoint` of a `tls-creds-x509`
+    /// object and the prefix of its certificate and key file names.
+    pub fn qemu_name(self) -> &'static str {
+        match self {
+            TlsEndpoint::Server => "server",
+            TlsEndpoint::Client => "client",
+        }
+    }
+}
+
 /// A dirty-rate measurement (M4 pre-flight).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DirtyRate {
@@ -221,10 +232,6 @@ impl QemuVm {
             .qmp()
             .execute("object-del", Some(json!({ "id": id })))
             .await;
-        let endpoint = match endpoint {
-            TlsEndpoint::Server => "server",
-            TlsEndpoint::Client => "client",
-        };
         self.qmp()
             .execute(
                 "object-add",
@@ -232,7 +239,7 @@ impl QemuVm {
                     "qom-type": "tls-creds-x509",
                     "id": id,
                     "dir": dir.display().to_string(),
-                    "endpoint": endpoint,
+                    "endpoint": endpoint.qemu_name(),
                     "verify-peer": true,
                 })),
             )

@@ -45,10 +45,7 @@ fn creds(dir: &Path, ca: &Ca, end: TlsEndpoint, name: &str) -> PathBuf {
     let key = KeyPair::generate().unwrap();
     let issuer = Issuer::new(ca.params.clone(), &ca.key);
     let cert = p.signed_by(&key, &issuer).unwrap();
-    let side = match end {
-        TlsEndpoint::Server => "server",
-        TlsEndpoint::Client => "client",
-    };
+    let side = end.qemu_name();
     std::fs::write(dir.join("ca-cert.pem"), &ca.pem).unwrap();
     std::fs::write(dir.join(format!("{side}-cert.pem")), cert.pem()).unwrap();
     std::fs::write(dir.join(format!("{side}-key.pem")), key.serialize_pem()).unwrap();

@@ -237,8 +237,7 @@ pub struct NodeIdentity {
     ca_key_pem: Option<String>,
 }
 
-/// A node's certificate, key and the unit CA in PEM, and the name its
-/// certificate carries (see [`node_name`]).
+/// A node's certificate, key and the unit CA in PEM.
 #[derive(Clone)]
 pub struct NodePem {
     /// The unit CA certificate.
@@ -247,16 +246,11 @@ pub struct NodePem {
     pub cert: String,
     /// This node's private key.
     pub key: String,
-    /// The DNS name in the certificate.
-    pub name: String,
 }
 
 impl fmt::Debug for NodePem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("NodePem")
-            .field("name", &self.name)
-            .field("key", &"<redacted>")
-            .finish()
+        f.write_str("NodePem { key: <redacted>, .. }")
     }
 }
 
@@ -268,7 +262,6 @@ impl NodeIdentity {
             ca_cert: self.ca_cert_pem.clone(),
             cert: self.cert_pem.clone(),
             key: self.key_pem.clone(),
-            name: node_name(self.node_id),
         }
     }
 }
