@@ -66,7 +66,7 @@ pub fn put(mut b: Vec<u8>) {
     if !cap.is_power_of_two() || class_of(cap) != Some(cap.trailing_zeros()) {
         return;
     }
-    if cap < 1 << MIN_SHIFT || pool().bytes + cap > BUDGET {
+    if pool().bytes + cap > BUDGET {
         return;
     }
     // Restore the invariant `len == capacity` (zeroes only the tail).

@@ -617,12 +617,8 @@ impl Volume {
             .shared(regions.clone(), offset, offset + len)
             .await;
         // As in `modify`: the mark is durable before any byte reaches disk,
-        // and the link is taken after the mark. The caller's next request
-        // waits for this, so a hot region does not pay for a thread hop.
-        if !self.replica.is_marked(regions.clone()) {
-            let rs = regions.clone();
-            self.blocking(move |r| r.mark_dirty(rs)).await?;
-        }
+        // and the link is taken after the mark.
+        self.mark_dirty(regions.clone()).await?;
         self.locks.touch(regions);
         Ok(StreamedWrite {
             vol: self.clone(),
@@ -686,6 +682,16 @@ impl Volume {
         }
     }
 
+    /// Marks `regions` dirty in the bitmap, durably. A hot region is
+    /// usually marked already: then there is no trip to the blocking pool
+    /// (the caller's request waits for this).
+    async fn mark_dirty(&self, regions: std::ops::Range<u64>) -> Result<(), IoError> {
+        if self.replica.is_marked(regions.clone()) {
+            return Ok(());
+        }
+        self.blocking(move |r| r.mark_dirty(regions)).await
+    }
+
     async fn modify(self: &Arc<Self>, op: Op, fua: bool) -> Result<(), IoError> {
         let (offset, len) = match &op {
             Op::Write { offset, data } => (*offset, data.len() as u64),
@@ -698,8 +704,7 @@ impl Volume {
             .shared(regions.clone(), offset, offset + len)
             .await;
         // The mark is durable before any byte of the write can reach disk.
-        let rs = regions.clone();
-        self.blocking(move |r| r.mark_dirty(rs)).await?;
+        self.mark_dirty(regions.clone()).await?;
         self.locks.touch(regions);
         let durable = fua || self.opts.durability == Durability::EveryWrite;
         // Taken after the mark: a write that sees no link has its region
@@ -1814,14 +1819,14 @@ impl Volume {
         out
     }
 
-    /// Executes a request frame. `gate` is held until the storage work is
+    /// Executes a request frame. `hold` is kept until the storage work is
     /// done (moved into the blocking task, which outlives a cancelled
     /// caller).
     async fn execute_frame(
         &self,
         f: Frame,
         payload: Vec<u8>,
-        gate: FrameHold,
+        hold: FrameHold,
     ) -> Result<Vec<u8>, IoError> {
         if f.flags & !F_KNOWN != 0 {
             return Err(IoError::new(
@@ -1841,7 +1846,7 @@ impl Volume {
                 }
                 let off = f.offset;
                 self.blocking(move |r| {
-                    let _gate = gate;
+                    let _hold = hold;
                     r.write_at(&payload, off)?;
                     let len = payload.len() as u64;
                     crate::bufpool::put(payload);
@@ -1861,7 +1866,7 @@ impl Volume {
                     return Err(IoError::new(EINVAL, "range outside the volume"));
                 }
                 self.blocking(move |r| {
-                    let _gate = gate;
+                    let _hold = hold;
                     r.write_zeroes(off, len)?;
                     if durable {
                         r.sync_data()?;
@@ -1872,7 +1877,7 @@ impl Volume {
             }
             K_FLUSH => {
                 self.blocking(move |r| {
-                    let _gate = gate;
+                    let _hold = hold;
                     r.sync_data().map(|_| Vec::new())
                 })
                 .await
@@ -1895,7 +1900,7 @@ impl Volume {
                     return Err(IoError::new(EINVAL, "generation 0 is reserved"));
                 }
                 self.blocking(move |r| {
-                    let _gate = gate;
+                    let _hold = hold;
                     r.sync_data()?;
                     r.update_meta(|m| {
                         m.gen.resync_finished_as_target(cur);
