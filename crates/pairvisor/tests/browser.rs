@@ -60,9 +60,6 @@ fn browser_console_end_to_end() {
     let shots = workspace().join("target/screenshots");
     let net =
         common::browser_net::BrowserNet::new(&[common::browser_net::url_addr(&d.url)], &chromium());
-    let browser = net
-        .as_ref()
-        .map_or_else(chromium, |n| n.chromium.display().to_string());
     let mut cmd = Command::new("node");
     cmd.arg(&script)
         .current_dir(&console)
@@ -76,7 +73,7 @@ fn browser_console_end_to_end() {
         .env("PV_KERNEL", kernel)
         .env("PV_INITRD", initrd)
         .env("PV_SCREENSHOTS", &shots)
-        .env("PV_CHROMIUM", browser);
+        .env("PV_CHROMIUM", &net.chromium);
     let iso = guest_dir().join("guest.iso");
     if iso.is_file() {
         cmd.env("PV_ISO", iso);

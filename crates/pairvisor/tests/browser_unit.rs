@@ -198,9 +198,6 @@ fn browser_console_drives_a_two_pm_unit() {
         .map(|u| common::browser_net::url_addr(u))
         .collect();
     let net = common::browser_net::BrowserNet::new(&addrs, &chromium());
-    let browser = net
-        .as_ref()
-        .map_or_else(chromium, |n| n.chromium.display().to_string());
     let out = Command::new("node")
         .arg(&script)
         .current_dir(&console)
@@ -212,7 +209,7 @@ fn browser_console_drives_a_two_pm_unit() {
         .env("PV_LAB_DIR", path)
         .env("PV_VM", "demo")
         .env("PV_SCREENSHOTS", &shots)
-        .env("PV_CHROMIUM", browser)
+        .env("PV_CHROMIUM", &net.chromium)
         .output()
         .expect("run node (is nodejs installed?)");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -11,18 +11,20 @@
 //! still talks to `https://ADDR:PORT` (same host, certificate and origin).
 //! Without root the browser runs as before.
 
-use std::io::{Read, Write};
+use std::fs::File;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-/// The browser's namespace; removed on drop.
+/// Where the browser runs; its namespace (if any) is removed on drop.
 pub struct BrowserNet {
-    name: String,
-    /// An executable that runs Chromium inside the namespace.
-    pub chromium: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The namespace, when we are root.
+    name: Option<String>,
+    /// What to run as Chromium: a wrapper that enters the namespace, or
+    /// Chromium itself.
+    pub chromium: String,
+    _dir: Option<tempfile::TempDir>,
 }
 
 fn ip(args: &[&str]) {
@@ -34,48 +36,36 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Moves the calling thread into the network namespace at `path`.
-fn enter(path: &Path) {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+/// Moves the calling thread into the network namespace `ns` (a handle on
+/// `/run/netns/NAME` or `/proc/thread-self/ns/net`).
+fn enter(ns: &File) {
     // SAFETY: setns(2) on a descriptor we own, for the calling thread only.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {}: {}",
-        path.display(),
-        std::io::Error::last_os_error()
-    );
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 /// Copies one direction until EOF, then half-closes the other side.
 fn pump(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 << 10];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
+    let _ = std::io::copy(&mut from, &mut to);
     let _ = to.shutdown(Shutdown::Write);
 }
 
 impl BrowserNet {
-    /// A namespace where `targets` (the console's addresses) are reachable;
-    /// None when not root (then the browser shares the test's namespace).
-    pub fn new(targets: &[SocketAddr], chromium: &str) -> Option<BrowserNet> {
+    /// A namespace where `targets` (the console's addresses) are reachable,
+    /// for `chromium`; without root, Chromium as is, in the test's namespace.
+    pub fn new(targets: &[SocketAddr], chromium: &str) -> BrowserNet {
         if !super::is_root() {
-            return None;
+            return BrowserNet {
+                name: None,
+                chromium: chromium.to_string(),
+                _dir: None,
+            };
         }
         let name = format!("pvbrowser{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
-        let ns = PathBuf::from(format!("/run/netns/{name}"));
+        let ns_path = PathBuf::from(format!("/run/netns/{name}"));
         for t in targets {
             if !t.ip().is_loopback() {
                 let cidr = format!("{}/{}", t.ip(), if t.is_ipv4() { 32 } else { 128 });
@@ -84,15 +74,14 @@ impl BrowserNet {
             // Bind inside the browser's namespace, then come back: sockets
             // belong to the namespace they were made in, so connections are
             // accepted there and relayed from here.
+            let ns = File::open(&ns_path).unwrap_or_else(|e| panic!("{}: {e}", ns_path.display()));
+            let target = *t;
             let (tx, rx) = std::sync::mpsc::channel();
-            let (ns, target) = (ns.clone(), *t);
             std::thread::spawn(move || {
-                let home = std::fs::File::open("/proc/thread-self/ns/net").expect("own namespace");
+                let home = File::open("/proc/thread-self/ns/net").expect("own namespace");
                 enter(&ns);
                 let l = TcpListener::bind(target);
-                // SAFETY: as in `enter`, back to the namespace we came from.
-                let rc = unsafe { libc::setns(home.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns back: {}", std::io::Error::last_os_error());
+                enter(&home);
                 let l = match l {
                     Ok(l) => {
                         let _ = tx.send(Ok(()));
@@ -124,25 +113,25 @@ impl BrowserNet {
             &wrapper,
             format!(
                 "#!/bin/sh\nexec nsenter --net={} -- {chromium} \"$@\"\n",
-                ns.display()
+                ns_path.display()
             ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
-        Some(BrowserNet {
-            name,
-            chromium: wrapper,
-            _dir: dir,
-        })
+        BrowserNet {
+            name: Some(name),
+            chromium: wrapper.display().to_string(),
+            _dir: Some(dir),
+        }
     }
 }
 
 impl Drop for BrowserNet {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
+        if let Some(name) = &self.name {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 
