@@ -59,6 +59,12 @@ struct Args {
     /// Skip the on-flush comparison (for quick tuning runs).
     #[arg(long)]
     every_write_only: bool,
+    /// Put the secondary's replica in this directory, e.g. on a device of
+    /// its own, as the partner PM's disk would be. By default it shares the
+    /// working directory (and so the disk) with the primary, which then
+    /// competes with it for every flush.
+    #[arg(long)]
+    partner_dir: Option<PathBuf>,
 }
 
 /// Set from `--pin-secondary`.
@@ -375,9 +381,19 @@ fn ratio(a: &Value, b: &Value) -> Value {
     Value::Object(out)
 }
 
-async fn mirror_pair(root: &Path, size: u64, args: &Args, extra: &[&str]) -> anyhow::Result<Value> {
+/// A replicated pair: the primary under `root`, the secondary under
+/// `partner_root` (another device) or, without one, under `root` too.
+async fn mirror_pair(
+    root: &Path,
+    partner_root: Option<&Path>,
+    size: u64,
+    args: &Args,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
     std::fs::create_dir_all(root)?;
-    let (b, cb) = start_mirror(root, "b", size, "secondary", None, extra)?;
+    let partner_root = partner_root.unwrap_or(root);
+    std::fs::create_dir_all(partner_root)?;
+    let (b, cb) = start_mirror(partner_root, "b", size, "secondary", None, extra)?;
     let (a, ca) = start_mirror(root, "a", size, "primary", Some(b.repl_port), extra)?;
     let _k = Killer(vec![ca, cb]);
     wait_in_sync(&a.control, Duration::from_secs(120))?;
@@ -485,13 +501,21 @@ fn main() -> anyhow::Result<()> {
     }
     let tmp = tempfile::tempdir()?;
     let root = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
+    // A directory of our own on the partner's device, removed at the end.
+    let partner_tmp = match &args.partner_dir {
+        Some(d) => Some(
+            tempfile::tempdir_in(d).with_context(|| format!("--partner-dir {}", d.display()))?,
+        ),
+        None => None,
+    };
+    let partner = |name: &str| partner_tmp.as_ref().map(|t| t.path().join(name));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let size = args.size_mib * MIB;
     rt.block_on(async {
         eprintln!("(a) replicated, every-write");
-        let replicated = mirror_pair(&root.join("a"), size, &args, &[]).await?;
+        let replicated = mirror_pair(&root.join("a"), partner("a").as_deref(), size, &args, &[]).await?;
         eprintln!("(b) simplex, every-write");
         let simplex = mirror_simplex(&root.join("b"), size, &args, &[]).await?;
         eprintln!("(c) qemu-nbd writethrough");
@@ -499,7 +523,13 @@ fn main() -> anyhow::Result<()> {
         let (mut replicated_of, mut simplex_of, mut qemu_wb) = (json!({}), json!({}), json!({}));
         if !args.every_write_only {
             eprintln!("(a) replicated, on-flush");
-            replicated_of = mirror_pair(&root.join("a2"), size, &args, &["--durability", "on-flush"]).await?;
+            replicated_of = mirror_pair(
+                &root.join("a2"),
+                partner("a2").as_deref(),
+                size,
+                &args,
+                &["--durability", "on-flush"],
+            ).await?;
             eprintln!("(b) simplex, on-flush");
             simplex_of = mirror_simplex(&root.join("b2"), size, &args, &["--durability", "on-flush"]).await?;
             eprintln!("(c) qemu-nbd writeback");
@@ -518,6 +548,7 @@ fn main() -> anyhow::Result<()> {
             "volume_mib": args.size_mib,
             "area_mib": args.area_mib,
             "pin_secondary": args.pin_secondary,
+            "partner_dir": args.partner_dir,
             "durable_every_write": {
                 "a_replicated": replicated,
                 "b_simplex": simplex,
