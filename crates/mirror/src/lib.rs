@@ -17,6 +17,7 @@ pub mod bufpool;
 pub mod control;
 pub mod genid;
 pub mod locks;
+pub mod lowat;
 pub mod nbd;
 pub mod ratelimit;
 pub mod region;

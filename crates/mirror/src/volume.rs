@@ -29,6 +29,7 @@ use crate::replica::{self, fresh_gen, Decision, Replica, ReplicaError};
 use pairvisor_model::sync_advice::{self, SyncLinkAdvice};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -383,62 +384,6 @@ fn durable_flag(durable: bool) -> u16 {
     } else {
         0
     }
-}
-
-/// Payloads from this size on are read with `SO_RCVLOWAT` set to their
-/// length.
-const RCVLOWAT_MIN: usize = 64 << 10;
-
-/// Asks the kernel to report the socket readable only once `n` bytes are
-/// queued. A large payload then costs one wakeup and one read instead of
-/// one per arriving segment; each wakeup the primary's kernel causes is an
-/// inter-processor interrupt on the sender's CPU. Best effort: without it
-/// reads are just more frequent.
-fn set_rcvlowat(rd: &tokio::net::tcp::OwnedReadHalf, n: usize) {
-    use std::os::fd::AsRawFd;
-    let v = n.min(i32::MAX as usize) as libc::c_int;
-    // SAFETY: a valid socket descriptor and a c_int option value.
-    unsafe {
-        libc::setsockopt(
-            rd.as_ref().as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            &v as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
-}
-
-/// Reads a frame's payload. While a large part of it is still to come, the
-/// socket is set to report readable only once all of it is queued.
-async fn read_payload(
-    rd: &mut tokio::net::tcp::OwnedReadHalf,
-    buf: &mut [u8],
-) -> std::io::Result<()> {
-    let mut got = 0;
-    let mut lowat = false;
-    while got < buf.len() {
-        let rest = buf.len() - got;
-        if rest >= RCVLOWAT_MIN {
-            set_rcvlowat(rd, rest);
-            lowat = true;
-        } else if lowat {
-            set_rcvlowat(rd, 1);
-            lowat = false;
-        }
-        let n = rd.read(&mut buf[got..]).await?;
-        if n == 0 {
-            if lowat {
-                set_rcvlowat(rd, 1);
-            }
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        got += n;
-    }
-    if lowat {
-        set_rcvlowat(rd, 1);
-    }
-    Ok(())
 }
 
 async fn read_msg<R: AsyncRead + Unpin>(rd: &mut R) -> std::io::Result<Vec<u8>> {
@@ -1811,7 +1756,8 @@ impl Volume {
                 return Err(format!("frame payload {payload_len} too large"));
             }
             let mut payload = crate::bufpool::get(payload_len as usize);
-            read_payload(&mut rd, &mut payload)
+            let fd = Some(rd.as_ref().as_raw_fd());
+            crate::lowat::read_exact(&mut rd, fd, &mut payload)
                 .await
                 .map_err(|e| format!("primary connection closed: {e}"))?;
             if self.role() != Role::Secondary || self.replica.meta().epoch != epoch {

@@ -19,6 +19,7 @@
 
 use super::proto::*;
 use crate::volume::{IoError, StreamedWrite, Volume};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, UnixListener};
@@ -97,9 +98,10 @@ impl NbdServer {
         loop {
             let (s, peer) = listener.accept().await?;
             let _ = s.set_nodelay(true);
+            let fd = s.as_raw_fd();
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.handle(s).await {
+                if let Err(e) = me.handle_socket(s, Some(fd)).await {
                     tracing::debug!("nbd connection from {peer} ended: {e}");
                 }
             });
@@ -130,13 +132,26 @@ impl NbdServer {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        self.handle_socket(stream, None).await
+    }
+
+    /// [`Self::handle`], told the TCP socket behind `stream` (which it
+    /// keeps open) so that large payloads are read with one wakeup.
+    async fn handle_socket<S>(
+        self: Arc<Self>,
+        stream: S,
+        tcp_fd: Option<RawFd>,
+    ) -> Result<(), NbdError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut rd, wr) = tokio::io::split(stream);
         let mut wr = BufWriter::new(wr);
         let session = match self.negotiate(&mut rd, &mut wr).await? {
             Some(s) => s,
             None => return Ok(()),
         };
-        self.transmission(rd, wr, session).await
+        self.transmission(rd, wr, session, tcp_fd).await
     }
 
     async fn negotiate<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<Option<Session>, NbdError>
@@ -312,6 +327,7 @@ impl NbdServer {
         mut rd: R,
         mut wr: BufWriter<W>,
         session: Session,
+        tcp_fd: Option<RawFd>,
     ) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin,
@@ -353,7 +369,7 @@ impl NbdServer {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     break Ok(());
                 };
-                let work = match self.stream_write(&mut rd, &req).await {
+                let work = match self.stream_write(&mut rd, tcp_fd, &req).await {
                     Ok(w) => w,
                     Err(e) => break Err(e),
                 };
@@ -382,7 +398,7 @@ impl NbdServer {
                     )));
                 }
                 payload = crate::bufpool::get(req.length as usize);
-                if let Err(e) = rd.read_exact(&mut payload).await {
+                if let Err(e) = crate::lowat::read_exact(&mut rd, tcp_fd, &mut payload).await {
                     break Err(e.into());
                 }
             }
@@ -424,6 +440,7 @@ impl NbdServer {
     async fn stream_write<R: AsyncRead + Unpin>(
         &self,
         rd: &mut R,
+        tcp_fd: Option<RawFd>,
         req: &Request,
     ) -> Result<Result<StreamedWrite, IoError>, NbdError> {
         let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -445,7 +462,7 @@ impl NbdServer {
         while left > 0 {
             let n = left.min(STREAM_CHUNK);
             let mut chunk = crate::bufpool::get(n);
-            rd.read_exact(&mut chunk).await?;
+            crate::lowat::read_exact(rd, tcp_fd, &mut chunk).await?;
             left -= n;
             if let Err(e) = w.push(chunk).await {
                 return Err(NbdError::Protocol(format!("streamed write: {e}")));
