@@ -9,11 +9,13 @@
 //! latency and the ratios (a)/(b) and (b)/(c). Durability is compared like
 //! for like: our default (every write durable before its reply) against
 //! `qemu-nbd --cache=writethrough`, and our `on-flush` mode against
-//! `qemu-nbd --cache=writeback`. It also times resyncs of N dirty MiB on
-//! volumes of different sizes. Run it in release mode:
+//! `qemu-nbd --cache=writeback`. The three targets run side by side and
+//! are measured in turns, round after round (see [`compare`]). It also
+//! times resyncs of N dirty MiB on volumes of different sizes. Run it in
+//! release mode:
 //!
 //! ```text
-//! cargo run --release -p pairvisor-mirror --bin pv-mirror-bench -- --seconds 3
+//! cargo run --release -p pairvisor-mirror --bin pv-mirror-bench -- --pin-secondary
 //! ```
 
 use anyhow::{bail, Context};
@@ -31,9 +33,12 @@ use std::time::{Duration, Instant};
 /// Benchmark the mirror against qemu-nbd.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Seconds per workload.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds per workload and target, split over the rounds.
+    #[arg(long, default_value_t = 5.0)]
     seconds: f64,
+    /// Rounds per workload: each runs the workload once on each target.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Volume size in MiB.
     #[arg(long, default_value_t = 1024)]
     size_mib: u64,
@@ -274,7 +279,20 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyhow::Result<Value> {
+/// One timed run of a workload against one target.
+struct Sample {
+    /// Latency of every request, in nanoseconds.
+    lat: Vec<u64>,
+    elapsed: f64,
+}
+
+impl Sample {
+    fn mb_per_sec(&self, bs: usize) -> f64 {
+        self.lat.len() as f64 * bs as f64 / self.elapsed / 1e6
+    }
+}
+
+async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyhow::Result<Sample> {
     let c = NbdClient::connect_tcp(addr, "vol").await?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
@@ -319,16 +337,10 @@ async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyh
         c.flush().await?;
     }
     c.disconnect().await?;
-    let elapsed = started.elapsed().as_secs_f64();
-    lat.sort_unstable();
-    let ops = lat.len() as f64;
-    Ok(json!({
-        "ops": lat.len(),
-        "iops": (ops / elapsed).round(),
-        "mb_per_sec": ((ops * w.bs as f64 / elapsed / 1e6) * 10.0).round() / 10.0,
-        "p50_us": percentile(&lat, 0.50),
-        "p99_us": percentile(&lat, 0.99),
-    }))
+    Ok(Sample {
+        lat,
+        elapsed: started.elapsed().as_secs_f64(),
+    })
 }
 
 async fn prefill(addr: &str, area: u64) -> anyhow::Result<()> {
@@ -344,41 +356,84 @@ async fn prefill(addr: &str, area: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bench_target(addr: &str, args: &Args) -> anyhow::Result<Value> {
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// A running export under test.
+struct Target {
+    addr: String,
+    _procs: Killer,
+}
+
+/// Runs every workload on the three targets (a), (b), (c) in turns: each
+/// round runs it once on each target, in an order that rotates from round
+/// to round, so that the three see the same machine. This machine's speed
+/// drifts and jumps between runs (by up to a quarter, for minutes at a
+/// time); targets measured one after the other would compare different
+/// machines. Throughput is the median over the rounds, latency percentiles
+/// are over all requests, and each ratio is the median of the rounds' own
+/// ratios, with their range.
+async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5]> {
     let area = args.area_mib * MIB;
-    let t = Instant::now();
-    prefill(addr, area).await?;
-    eprintln!(
-        "  prefill {} MiB: {:.1}s",
-        args.area_mib,
-        t.elapsed().as_secs_f64()
-    );
-    let mut out = serde_json::Map::new();
+    for t in targets {
+        prefill(&t.addr, area).await?;
+    }
+    let rounds = args.rounds.max(1);
+    let per_run = args.seconds / rounds as f64;
+    let mut out: [serde_json::Map<String, Value>; 5] = Default::default();
     for w in WORKLOADS {
         if !args.workloads.is_empty() && !args.workloads.iter().any(|n| n == w.name) {
             continue;
         }
-        let r = run_workload(addr, w, args.seconds, area).await?;
-        eprintln!("  {}: {r}", w.name);
-        out.insert(w.name.into(), r);
-    }
-    Ok(Value::Object(out))
-}
-
-fn ratio(a: &Value, b: &Value) -> Value {
-    let mut out = serde_json::Map::new();
-    if let (Some(a), Some(b)) = (a.as_object(), b.as_object()) {
-        for (k, va) in a {
-            let (Some(x), Some(y)) = (va["mb_per_sec"].as_f64(), b[k]["mb_per_sec"].as_f64())
-            else {
-                continue;
-            };
-            if y > 0.0 {
-                out.insert(k.clone(), json!(((x / y) * 100.0).round() / 100.0));
+        let mut mbs: [Vec<f64>; 3] = Default::default();
+        let mut lat: [Vec<u64>; 3] = Default::default();
+        let mut ops = [0usize; 3];
+        for r in 0..rounds {
+            for k in 0..3 {
+                let i = (r + k) % 3;
+                let s = run_workload(&targets[i].addr, w, per_run, area).await?;
+                mbs[i].push(s.mb_per_sec(w.bs));
+                ops[i] += s.lat.len();
+                lat[i].extend(s.lat);
             }
         }
+        let ratios = |x: usize, y: usize| {
+            let mut v: Vec<f64> = (0..rounds).map(|r| mbs[x][r] / mbs[y][r]).collect();
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            (round2(median(&mut v)), [round2(lo), round2(hi)])
+        };
+        for i in 0..3 {
+            lat[i].sort_unstable();
+            let mb = median(&mut mbs[i].clone());
+            let v = json!({
+                "ops": ops[i],
+                "mb_per_sec": (mb * 10.0).round() / 10.0,
+                "iops": (mb * 1e6 / w.bs as f64).round(),
+                "mb_per_sec_rounds": mbs[i].iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
+                "p50_us": percentile(&lat[i], 0.50),
+                "p99_us": percentile(&lat[i], 0.99),
+            });
+            eprintln!("  {} {}: {v}", ["a", "b", "c"][i], w.name);
+            out[i].insert(w.name.into(), v);
+        }
+        let (ab, ab_range) = ratios(0, 1);
+        let (bc, bc_range) = ratios(1, 2);
+        eprintln!("  {}: a/b {ab} {ab_range:?}, b/c {bc} {bc_range:?}", w.name);
+        out[3].insert(w.name.into(), json!({ "median": ab, "range": ab_range }));
+        out[4].insert(w.name.into(), json!({ "median": bc, "range": bc_range }));
     }
-    Value::Object(out)
+    Ok(out.map(Value::Object))
 }
 
 /// A replicated pair: the primary under `root`, the secondary under
@@ -387,32 +442,31 @@ async fn mirror_pair(
     root: &Path,
     partner_root: Option<&Path>,
     size: u64,
-    args: &Args,
     extra: &[&str],
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<Target> {
     std::fs::create_dir_all(root)?;
     let partner_root = partner_root.unwrap_or(root);
     std::fs::create_dir_all(partner_root)?;
     let (b, cb) = start_mirror(partner_root, "b", size, "secondary", None, extra)?;
     let (a, ca) = start_mirror(root, "a", size, "primary", Some(b.repl_port), extra)?;
-    let _k = Killer(vec![ca, cb]);
+    let procs = Killer(vec![ca, cb]);
     wait_in_sync(&a.control, Duration::from_secs(120))?;
-    bench_target(&format!("127.0.0.1:{}", a.nbd_port), args).await
+    Ok(Target {
+        addr: format!("127.0.0.1:{}", a.nbd_port),
+        _procs: procs,
+    })
 }
 
-async fn mirror_simplex(
-    root: &Path,
-    size: u64,
-    args: &Args,
-    extra: &[&str],
-) -> anyhow::Result<Value> {
+fn mirror_simplex(root: &Path, size: u64, extra: &[&str]) -> anyhow::Result<Target> {
     std::fs::create_dir_all(root)?;
     let (a, ca) = start_mirror(root, "a", size, "primary", None, extra)?;
-    let _k = Killer(vec![ca]);
-    bench_target(&format!("127.0.0.1:{}", a.nbd_port), args).await
+    Ok(Target {
+        addr: format!("127.0.0.1:{}", a.nbd_port),
+        _procs: Killer(vec![ca]),
+    })
 }
 
-async fn qemu_nbd(root: &Path, size: u64, args: &Args, cache: &str) -> anyhow::Result<Value> {
+fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
     std::fs::create_dir_all(root)?;
     let file = root.join("disk.raw");
     std::fs::File::create(&file)?.set_len(size)?;
@@ -436,11 +490,14 @@ async fn qemu_nbd(root: &Path, size: u64, args: &Args, cache: &str) -> anyhow::R
         .stderr(Stdio::null())
         .spawn()
         .context("spawning qemu-nbd")?;
-    let _k = Killer(vec![child]);
+    let procs = Killer(vec![child]);
     wait_for("qemu-nbd", Duration::from_secs(10), || {
         std::net::TcpStream::connect(("127.0.0.1", port)).ok()
     })?;
-    bench_target(&format!("127.0.0.1:{port}"), args).await
+    Ok(Target {
+        addr: format!("127.0.0.1:{port}"),
+        _procs: procs,
+    })
 }
 
 /// Time to resync `dirty_mib` MiB written while the secondary was down.
@@ -486,6 +543,16 @@ async fn resync_time(root: &Path, size_mib: u64, dirty_mib: u64) -> anyhow::Resu
     }))
 }
 
+fn durability_json([a, b, c, ab, bc]: [Value; 5], c_name: &str) -> Value {
+    json!({
+        "a_replicated": a,
+        "b_simplex": b,
+        c_name: c,
+        "ratio_a_over_b": ab,
+        "ratio_b_over_c": bc,
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = PIN.set(args.pin_secondary);
@@ -514,27 +581,23 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let size = args.size_mib * MIB;
     rt.block_on(async {
-        eprintln!("(a) replicated, every-write");
-        let replicated = mirror_pair(&root.join("a"), partner("a").as_deref(), size, &args, &[]).await?;
-        eprintln!("(b) simplex, every-write");
-        let simplex = mirror_simplex(&root.join("b"), size, &args, &[]).await?;
-        eprintln!("(c) qemu-nbd writethrough");
-        let qemu_wt = qemu_nbd(&root.join("c"), size, &args, "writethrough").await?;
-        let (mut replicated_of, mut simplex_of, mut qemu_wb) = (json!({}), json!({}), json!({}));
-        if !args.every_write_only {
-            eprintln!("(a) replicated, on-flush");
-            replicated_of = mirror_pair(
-                &root.join("a2"),
-                partner("a2").as_deref(),
-                size,
-                &args,
-                &["--durability", "on-flush"],
-            ).await?;
-            eprintln!("(b) simplex, on-flush");
-            simplex_of = mirror_simplex(&root.join("b2"), size, &args, &["--durability", "on-flush"]).await?;
-            eprintln!("(c) qemu-nbd writeback");
-            qemu_wb = qemu_nbd(&root.join("c2"), size, &args, "writeback").await?;
-        }
+        eprintln!("every write durable: (a) replicated, (b) simplex, (c) qemu-nbd writethrough");
+        let every = {
+            let a = mirror_pair(&root.join("a"), partner("a").as_deref(), size, &[]).await?;
+            let b = mirror_simplex(&root.join("b"), size, &[])?;
+            let c = qemu_nbd(&root.join("c"), size, "writethrough")?;
+            compare([&a, &b, &c], &args).await?
+        };
+        let on_flush = if args.every_write_only {
+            Default::default()
+        } else {
+            eprintln!("durable on flush: (a) replicated, (b) simplex, (c) qemu-nbd writeback");
+            let of = ["--durability", "on-flush"];
+            let a = mirror_pair(&root.join("a2"), partner("a2").as_deref(), size, &of).await?;
+            let b = mirror_simplex(&root.join("b2"), size, &of)?;
+            let c = qemu_nbd(&root.join("c2"), size, "writeback")?;
+            compare([&a, &b, &c], &args).await?
+        };
         let mut resync = Vec::new();
         if !args.no_resync {
             for (vol, dirty) in [(1024, 16), (1024, 64), (4096, 16)] {
@@ -547,22 +610,11 @@ fn main() -> anyhow::Result<()> {
             "seconds_per_workload": args.seconds,
             "volume_mib": args.size_mib,
             "area_mib": args.area_mib,
+            "rounds": args.rounds.max(1),
             "pin_secondary": args.pin_secondary,
             "partner_dir": args.partner_dir,
-            "durable_every_write": {
-                "a_replicated": replicated,
-                "b_simplex": simplex,
-                "c_qemu_nbd_writethrough": qemu_wt,
-                "ratio_a_over_b": ratio(&replicated, &simplex),
-                "ratio_b_over_c": ratio(&simplex, &qemu_wt),
-            },
-            "durable_on_flush": {
-                "a_replicated": replicated_of,
-                "b_simplex": simplex_of,
-                "c_qemu_nbd_writeback": qemu_wb,
-                "ratio_a_over_b": ratio(&replicated_of, &simplex_of),
-                "ratio_b_over_c": ratio(&simplex_of, &qemu_wb),
-            },
+            "durable_every_write": durability_json(every, "c_qemu_nbd_writethrough"),
+            "durable_on_flush": durability_json(on_flush, "c_qemu_nbd_writeback"),
             "resync": resync,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
