@@ -1745,6 +1745,7 @@ impl Volume {
         let slots = Arc::new(Semaphore::new(256));
         let parts = Arc::new(Parts::default());
         let mut part_seq = 0u64;
+        let fd = Some(rd.as_ref().as_raw_fd());
         loop {
             let mut hdr = [0u8; Frame::LEN];
             rd.read_exact(&mut hdr)
@@ -1756,7 +1757,6 @@ impl Volume {
                 return Err(format!("frame payload {payload_len} too large"));
             }
             let mut payload = crate::bufpool::get(payload_len as usize);
-            let fd = Some(rd.as_ref().as_raw_fd());
             crate::lowat::read_exact(&mut rd, fd, &mut payload)
                 .await
                 .map_err(|e| format!("primary connection closed: {e}"))?;

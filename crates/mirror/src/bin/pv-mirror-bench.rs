@@ -397,27 +397,24 @@ async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5
         }
         let mut mbs: [Vec<f64>; 3] = Default::default();
         let mut lat: [Vec<u64>; 3] = Default::default();
-        let mut ops = [0usize; 3];
         for r in 0..rounds {
             for k in 0..3 {
                 let i = (r + k) % 3;
                 let s = run_workload(&targets[i].addr, w, per_run, area).await?;
                 mbs[i].push(s.mb_per_sec(w.bs));
-                ops[i] += s.lat.len();
                 lat[i].extend(s.lat);
             }
         }
         let ratios = |x: usize, y: usize| {
             let mut v: Vec<f64> = (0..rounds).map(|r| mbs[x][r] / mbs[y][r]).collect();
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(0.0, f64::max);
-            (round2(median(&mut v)), [round2(lo), round2(hi)])
+            let mid = median(&mut v); // sorts v
+            (round2(mid), [round2(v[0]), round2(v[rounds - 1])])
         };
         for i in 0..3 {
             lat[i].sort_unstable();
             let mb = median(&mut mbs[i].clone());
             let v = json!({
-                "ops": ops[i],
+                "ops": lat[i].len(),
                 "mb_per_sec": (mb * 10.0).round() / 10.0,
                 "iops": (mb * 1e6 / w.bs as f64).round(),
                 "mb_per_sec_rounds": mbs[i].iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
