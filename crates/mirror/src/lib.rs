@@ -24,6 +24,7 @@ pub mod region;
 pub mod repl;
 pub mod replica;
 pub mod sync;
+pub mod vectored;
 pub mod volume;
 
 pub use replica::{CreateOptions, Decision, Replica};

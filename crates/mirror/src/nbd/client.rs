@@ -202,10 +202,13 @@ impl NbdClient {
         .encode();
         {
             let mut w = self.writer.lock().await;
-            w.write_all(&hdr).await?;
-            if !payload.is_empty() {
-                w.write_all(payload).await?;
-            }
+            // Header and payload in one call, as QEMU's client sends them (it
+            // corks the socket).
+            crate::vectored::write_all(
+                &mut *w,
+                &mut [io::IoSlice::new(&hdr), io::IoSlice::new(payload)],
+            )
+            .await?;
             w.flush().await?;
         }
         match rx.await {

@@ -344,16 +344,6 @@ async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &Outgoing) -> std::io
         return wr.write_all(&out.head).await;
     };
     // Header and data in one call: a header written on its own would leave
-    // as a segment of its own (the socket has TCP_NODELAY), waking the
-    // partner for 32 bytes.
-    let mut bufs = [IoSlice::new(&out.head), IoSlice::new(p)];
-    let mut rest = &mut bufs[..];
-    while !rest.is_empty() {
-        let n = wr.write_vectored(rest).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, n);
-    }
-    Ok(())
+    // as a segment of its own, waking the partner for 32 bytes.
+    crate::vectored::write_all(wr, &mut [IoSlice::new(&out.head), IoSlice::new(p)]).await
 }
