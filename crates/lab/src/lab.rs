@@ -99,10 +99,18 @@ pub fn load(dir: &Path) -> Result<LabState, LabError> {
     serde_json::from_slice(&b).map_err(|e| LabError::Io(format!("lab.json is unreadable: {e}")))
 }
 
+/// Whether `pid` still runs or still holds its files. A killed process's
+/// leader turns zombie as soon as its own thread exits, while its other
+/// threads may still be exiting with the files (and their locks) open, so a
+/// zombie counts as gone only once it is the last task of its group.
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    if !stat.contains(") Z ") {
+        return true;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1)
 }
 
 struct Plan {
@@ -484,11 +492,17 @@ fn kill_member(st: &LabState, m: &Member) {
             }
         }
     }
-    for p in pids {
+    for p in &pids {
         let _ = Command::new("kill")
             .args(["-9", &p.to_string()])
             .stderr(Stdio::null())
             .status();
+    }
+    // Returns once they are really gone, so that `lab start` right after
+    // finds the member's files free.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| alive(p as u32)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

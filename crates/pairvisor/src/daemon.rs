@@ -6,11 +6,36 @@ use anyhow::{bail, Context, Result};
 use pairvisor_agent::{Agent, Paths};
 use pairvisor_cli::ServeArgs;
 use pairvisor_model::roles::Role;
-use pairvisor_store::{Accel, Store, UserRecord};
+use pairvisor_store::{Accel, Store, StoreError, UserRecord};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 use tracing::info;
+
+/// How long a starting daemon waits for the state database's lock.
+const STORE_LOCK_WAIT: Duration = Duration::from_secs(15);
+
+/// Opens the state database, waiting a bounded time while another process
+/// holds it: a daemon killed a moment ago keeps its files (and the lock) until
+/// its last thread has exited, which can outlast the process's zombie state.
+async fn open_store(path: &Path) -> Result<Store> {
+    let deadline = tokio::time::Instant::now() + STORE_LOCK_WAIT;
+    let mut said = false;
+    loop {
+        match Store::open(path) {
+            Err(StoreError::InUse { .. }) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    info!(path = %path.display(), "the state database is locked by another process; waiting up to {}s for it to exit", STORE_LOCK_WAIT.as_secs());
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            r => return r.context("opening the state database"),
+        }
+    }
+}
 
 pub async fn serve(args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
@@ -23,7 +48,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
     paths
         .create_all()
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
-    let store = Store::open(&paths.state_db()).context("opening the state database")?;
+    let store = open_store(&paths.state_db()).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;

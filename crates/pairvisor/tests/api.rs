@@ -925,3 +925,27 @@ fn openapi_document_is_served_and_matches_the_checked_in_copy() {
          re-run this test with UPDATE_OPENAPI=1"
     );
 }
+
+#[test]
+fn a_daemon_waits_for_the_state_database_held_by_an_exiting_one() {
+    let mut d = Daemon::start();
+    d.kill9();
+    // Stands in for a killed daemon whose last threads still hold the lock.
+    let held = pairvisor_store::Store::open(&d.data.path().join("state.redb")).unwrap();
+    let log = d.data.path().join("daemon.log");
+    let release = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("locked by another process; waiting")
+        {
+            assert!(Instant::now() < deadline, "the daemon never said it waits");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(held);
+    });
+    d.restart();
+    release.join().unwrap();
+    let (s, v) = d.call("GET", "/vms", None);
+    assert_eq!(s, 200, "{v}");
+}

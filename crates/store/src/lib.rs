@@ -28,6 +28,16 @@ use thiserror::Error;
 /// input.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// Another process holds the database's lock: another daemon on the same
+    /// data directory, or one that was killed a moment ago and is still
+    /// exiting.
+    #[error(
+        "the state database {path} is in use by another process; stop the other pairvisor daemon using this data directory"
+    )]
+    InUse {
+        /// Its path.
+        path: String,
+    },
     /// The database could not be opened.
     #[error("cannot open the state database {path}")]
     Open {
@@ -365,9 +375,14 @@ impl Tx<'_> {
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.display().to_string(),
-            source,
+        let db = Database::create(path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse {
+                path: path.display().to_string(),
+            },
+            source => StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            },
         })?;
         let store = Store {
             db,
@@ -573,6 +588,21 @@ mod tests {
             password_hash: "x".into(),
             created_at: 1,
         }
+    }
+
+    #[test]
+    fn a_database_held_elsewhere_is_reported_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let first = Store::open(&path).unwrap();
+        let err = Store::open(&path).err().expect("second open must fail");
+        assert!(matches!(err, StoreError::InUse { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
+        drop(first);
+        Store::open(&path).expect("free again once the holder is gone");
     }
 
     #[test]
