@@ -70,6 +70,38 @@ struct Args {
     /// competes with it for every flush.
     #[arg(long)]
     partner_dir: Option<PathBuf>,
+    /// How the benchmark client reaches the three exports: a Unix socket,
+    /// as QEMU reaches a volume's export on its PM, or TCP over loopback.
+    #[arg(long, value_enum, default_value = "unix")]
+    client: ClientLink,
+}
+
+/// The benchmark client's transport to the exports.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientLink {
+    /// The export's Unix socket (how the product's QEMU connects).
+    Unix,
+    /// TCP over loopback.
+    Tcp,
+}
+
+/// Set from `--client`.
+static CLIENT: std::sync::OnceLock<ClientLink> = std::sync::OnceLock::new();
+
+/// Where a target's export listens.
+#[derive(Clone)]
+enum Endpoint {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Endpoint {
+    async fn connect(&self) -> anyhow::Result<NbdClient> {
+        Ok(match self {
+            Endpoint::Tcp(a) => NbdClient::connect_tcp(a, "vol").await?,
+            Endpoint::Unix(p) => NbdClient::connect_unix(p, "vol").await?,
+        })
+    }
 }
 
 /// Set from `--pin-secondary`.
@@ -148,7 +180,18 @@ struct MirrorNode {
     dir: PathBuf,
     control: PathBuf,
     nbd_port: u16,
+    nbd_sock: PathBuf,
     repl_port: u16,
+}
+
+impl MirrorNode {
+    /// The export the benchmark client uses (`--client`).
+    fn endpoint(&self) -> Endpoint {
+        match CLIENT.get().copied().unwrap_or(ClientLink::Unix) {
+            ClientLink::Unix => Endpoint::Unix(self.nbd_sock.clone()),
+            ClientLink::Tcp => Endpoint::Tcp(format!("127.0.0.1:{}", self.nbd_port)),
+        }
+    }
 }
 
 fn start_mirror(
@@ -176,6 +219,7 @@ fn start_mirror_at(
     let n = MirrorNode {
         dir: root.join(name),
         control: root.join(format!("{name}.ctl")),
+        nbd_sock: root.join(format!("{name}.nbd")),
         nbd_port: match ports {
             Some(p) => p.0,
             None => free_port()?,
@@ -186,11 +230,14 @@ fn start_mirror_at(
         },
     };
     let _ = std::fs::remove_file(&n.control);
+    let _ = std::fs::remove_file(&n.nbd_sock);
     let mut c = pinned(pv_mirror_bin()?, if role == "secondary" { 1 } else { 0 });
     c.arg("--dir")
         .arg(&n.dir)
         .args(["--size", &size.to_string(), "--volume-id", "vol"])
         .args(["--nbd-tcp", &format!("127.0.0.1:{}", n.nbd_port)])
+        .arg("--nbd-unix")
+        .arg(&n.nbd_sock)
         .args(["--repl-listen", &format!("127.0.0.1:{}", n.repl_port)])
         .arg("--secret-file")
         .arg(&secret)
@@ -292,8 +339,13 @@ impl Sample {
     }
 }
 
-async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyhow::Result<Sample> {
-    let c = NbdClient::connect_tcp(addr, "vol").await?;
+async fn run_workload(
+    at: &Endpoint,
+    w: &Workload,
+    seconds: f64,
+    area: u64,
+) -> anyhow::Result<Sample> {
+    let c = at.connect().await?;
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
     let next_seq = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -343,8 +395,8 @@ async fn run_workload(addr: &str, w: &Workload, seconds: f64, area: u64) -> anyh
     })
 }
 
-async fn prefill(addr: &str, area: u64) -> anyhow::Result<()> {
-    let c = NbdClient::connect_tcp(addr, "vol").await?;
+async fn prefill(at: &Endpoint, area: u64) -> anyhow::Result<()> {
+    let c = at.connect().await?;
     let buf = vec![0x5au8; 4 << 20];
     let mut off = 0;
     while off < area {
@@ -371,7 +423,7 @@ fn round2(x: f64) -> f64 {
 
 /// A running export under test.
 struct Target {
-    addr: String,
+    at: Endpoint,
     _procs: Killer,
 }
 
@@ -386,7 +438,7 @@ struct Target {
 async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5]> {
     let area = args.area_mib * MIB;
     for t in targets {
-        prefill(&t.addr, area).await?;
+        prefill(&t.at, area).await?;
     }
     let rounds = args.rounds.max(1);
     let per_run = args.seconds / rounds as f64;
@@ -400,7 +452,7 @@ async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5
         for r in 0..rounds {
             for k in 0..3 {
                 let i = (r + k) % 3;
-                let s = run_workload(&targets[i].addr, w, per_run, area).await?;
+                let s = run_workload(&targets[i].at, w, per_run, area).await?;
                 mbs[i].push(s.mb_per_sec(w.bs));
                 lat[i].extend(s.lat);
             }
@@ -449,7 +501,7 @@ async fn mirror_pair(
     let procs = Killer(vec![ca, cb]);
     wait_in_sync(&a.control, Duration::from_secs(120))?;
     Ok(Target {
-        addr: format!("127.0.0.1:{}", a.nbd_port),
+        at: a.endpoint(),
         _procs: procs,
     })
 }
@@ -458,7 +510,7 @@ fn mirror_simplex(root: &Path, size: u64, extra: &[&str]) -> anyhow::Result<Targ
     std::fs::create_dir_all(root)?;
     let (a, ca) = start_mirror(root, "a", size, "primary", None, extra)?;
     Ok(Target {
-        addr: format!("127.0.0.1:{}", a.nbd_port),
+        at: a.endpoint(),
         _procs: Killer(vec![ca]),
     })
 }
@@ -468,17 +520,20 @@ fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
     let file = root.join("disk.raw");
     std::fs::File::create(&file)?.set_len(size)?;
     let port = free_port()?;
-    let child = pinned("qemu-nbd", 0)
-        .args([
-            "-f",
-            "raw",
-            "-x",
-            "vol",
-            "-b",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
+    let sock = root.join("qemu-nbd.sock");
+    let mut cmd = pinned("qemu-nbd", 0);
+    cmd.args(["-f", "raw", "-x", "vol"]);
+    let at = match CLIENT.get().copied().unwrap_or(ClientLink::Unix) {
+        ClientLink::Unix => {
+            cmd.arg("-k").arg(&sock);
+            Endpoint::Unix(sock.clone())
+        }
+        ClientLink::Tcp => {
+            cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
+            Endpoint::Tcp(format!("127.0.0.1:{port}"))
+        }
+    };
+    let child = cmd
         .arg(format!("--cache={cache}"))
         .args(["--shared=16", "--persistent"])
         .arg(&file)
@@ -488,13 +543,13 @@ fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
         .spawn()
         .context("spawning qemu-nbd")?;
     let procs = Killer(vec![child]);
-    wait_for("qemu-nbd", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    wait_for("qemu-nbd", Duration::from_secs(10), || match &at {
+        Endpoint::Unix(p) => UnixStream::connect(p).ok().map(drop),
+        Endpoint::Tcp(_) => std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(drop),
     })?;
-    Ok(Target {
-        addr: format!("127.0.0.1:{port}"),
-        _procs: procs,
-    })
+    Ok(Target { at, _procs: procs })
 }
 
 /// Time to resync `dirty_mib` MiB written while the secondary was down.
@@ -553,6 +608,7 @@ fn durability_json([a, b, c, ab, bc]: [Value; 5], c_name: &str) -> Value {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let _ = PIN.set(args.pin_secondary);
+    let _ = CLIENT.set(args.client);
     if args.pin_secondary {
         // The client (this process and its threads) stays on CPU 0.
         let ok = Command::new("taskset")
@@ -609,6 +665,7 @@ fn main() -> anyhow::Result<()> {
             "area_mib": args.area_mib,
             "rounds": args.rounds.max(1),
             "pin_secondary": args.pin_secondary,
+            "client": format!("{:?}", args.client).to_lowercase(),
             "partner_dir": args.partner_dir,
             "durable_every_write": durability_json(every, "c_qemu_nbd_writethrough"),
             "durable_on_flush": durability_json(on_flush, "c_qemu_nbd_writeback"),
