@@ -99,11 +99,12 @@ pub fn load(dir: &Path) -> Result<LabState, LabError> {
     serde_json::from_slice(&b).map_err(|e| LabError::Io(format!("lab.json is unreadable: {e}")))
 }
 
-/// Whether `pid` still runs or still holds its files. A killed process's
-/// leader turns zombie as soon as its own thread exits, while its other
-/// threads may still be exiting with the files (and their locks) open, so a
-/// zombie counts as gone only once it is the last task of its group.
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` still runs or still holds its files. A killed
+/// process's leader turns zombie as soon as its own thread exits, while its
+/// other threads may still be exiting with the files (and their locks)
+/// open, so a zombie counts as gone only once it is the last task of its
+/// group.
+pub fn alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };

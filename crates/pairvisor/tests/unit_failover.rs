@@ -626,12 +626,7 @@ fn alive(dir: &Path, member: &str) -> bool {
         .unwrap()["pid"]
         .as_u64()
         .unwrap();
-    // A zombie leader still holds the files while its other threads exit.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(s) if !s.contains(") Z ") => true,
-        Ok(_) => std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|d| d.count() > 1),
-    }
+    pairvisor_lab::lab::alive(pid as u32)
 }
 
 #[test]
