@@ -658,6 +658,12 @@ impl Replica {
     /// SHA-256 of region `r`'s contents (holes hashed as zeroes).
     pub fn hash_region(&self, r: u64) -> Result<[u8; 32]> {
         let (off, len) = region::region_span(r, self.region_size(), self.size());
+        self.hash_range(off, len)
+    }
+
+    /// SHA-256 of `[off, off+len)` (holes hashed as zeroes); the range must
+    /// lie within the volume.
+    pub fn hash_range(&self, off: u64, len: u64) -> Result<[u8; 32]> {
         let mut h = Sha256::new();
         let mut buf = vec![0u8; len.min(1 << 20) as usize];
         let mut done = 0;

@@ -371,6 +371,13 @@ enum Op {
 /// [`Volume::read`]); longer copies would hold up the runtime's thread.
 const INLINE_READ_MAX: u32 = 256 << 10;
 
+/// Regions a resync keeps in flight to the partner.
+const RESYNC_INFLIGHT: usize = 4;
+
+/// The largest piece of a region a resync sends in one frame (regions can
+/// be larger than a frame may be).
+const RESYNC_PIECE: u64 = 8 << 20;
+
 /// Returns a payload buffer to the pool once nobody else holds it.
 fn recycle(data: Arc<Vec<u8>>) {
     if let Ok(v) = Arc::try_unwrap(data) {
@@ -1362,8 +1369,17 @@ impl Volume {
             self.region_size,
             Duration::ZERO,
         );
-        let mut buf_pool: Option<Vec<u8>> = None;
+        // Several regions in flight: the partner applies them concurrently
+        // and its group commit lets them share a flush, where one at a time
+        // each region waits for a flush of its own. A region's bit is
+        // cleared only once the partner has made it durable.
+        let mut inflight = tokio::task::JoinSet::new();
         for idx in todo {
+            while inflight.len() >= RESYNC_INFLIGHT {
+                if !self.resync_step_done(&link, inflight.join_next().await) {
+                    return;
+                }
+            }
             let rate = self.resync_rate.load(Ordering::Relaxed);
             if rate != bucket.rate() {
                 bucket.set_rate(rate, origin.elapsed());
@@ -1373,58 +1389,14 @@ impl Volume {
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            let _x = self.locks.exclusive(idx).await;
             if !link.is_alive() {
                 return;
             }
-            if self.replica.is_dirty(idx) {
-                let mut buf = buf_pool.take().unwrap_or_default();
-                let res = self
-                    .blocking(move |r| {
-                        if r.is_hole(off, len) {
-                            return Ok((true, buf));
-                        }
-                        buf.resize(len as usize, 0);
-                        r.read_at(&mut buf, off)?;
-                        Ok((false, buf))
-                    })
-                    .await;
-                let (hole, buf) = match res {
-                    Ok(x) => x,
-                    Err(e) => {
-                        self.link_lost(&link, &format!("resync read failed: {e}"));
-                        return;
-                    }
-                };
-                let reply = if hole {
-                    link.request(K_ZERO, F_DURABLE | F_RESYNC, off, len as u32, &[])
-                        .await
-                } else {
-                    link.request(K_WRITE, F_DURABLE | F_RESYNC, off, len as u32, &buf)
-                        .await
-                };
-                buf_pool = Some(buf);
-                match reply {
-                    Ok(rep) if rep.status == 0 => {}
-                    Ok(rep) => {
-                        self.link_lost(
-                            &link,
-                            &format!("partner failed resync write: errno {}", rep.status),
-                        );
-                        return;
-                    }
-                    Err(e) => {
-                        self.link_lost(&link, &e.to_string());
-                        return;
-                    }
-                }
-                let _ = self.replica.clear_dirty(idx);
-            }
-            let mut st = self.lock();
-            if let Some(p) = st.resync.as_mut() {
-                p.done += 1;
-                p.done_bytes += len;
-                p.remaining_bytes = p.remaining_bytes.saturating_sub(len);
+            inflight.spawn(self.clone().resync_region(link.clone(), idx, off, len));
+        }
+        while let Some(done) = inflight.join_next().await {
+            if !self.resync_step_done(&link, Some(done)) {
+                return;
             }
         }
         let cur = self.replica.meta().gen.current;
@@ -1470,6 +1442,100 @@ impl Volume {
         tracing::info!("resync finished: volume in sync");
     }
 
+    /// Copies region `idx` (`len` bytes at `off`) to the partner under the
+    /// region's lock, and clears its dirty bit once the partner has it
+    /// durable. Returns the bytes done, or why the link must be dropped.
+    async fn resync_region(
+        self: Arc<Self>,
+        link: Arc<PeerLink>,
+        idx: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<u64, String> {
+        let _x = self.locks.exclusive(idx).await;
+        if !link.is_alive() {
+            return Err(String::new());
+        }
+        if !self.replica.is_dirty(idx) {
+            // A write made it clean meanwhile (it reached both replicas).
+            return Ok(len);
+        }
+        // Regions may be larger than a frame: send them in pieces, each
+        // durable before the bit is cleared.
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(RESYNC_PIECE);
+            self.resync_piece(&link, at, n).await?;
+            at += n;
+        }
+        let _ = self.replica.clear_dirty(idx);
+        Ok(len)
+    }
+
+    /// Sends `len` bytes at `off` to the partner as one durable resync
+    /// frame (a zero-fill frame where the local replica has a hole).
+    async fn resync_piece(&self, link: &PeerLink, off: u64, len: u64) -> Result<(), String> {
+        let buf = crate::bufpool::get(len as usize);
+        let data = self
+            .blocking(move |r| {
+                if r.is_hole(off, len) {
+                    return Ok(None);
+                }
+                let mut buf = buf;
+                r.read_at(&mut buf, off)?;
+                Ok(Some(buf))
+            })
+            .await
+            .map_err(|e| format!("resync read failed: {e}"))?;
+        let flags = F_DURABLE | F_RESYNC;
+        let reply = match data {
+            None => link.request(K_ZERO, flags, off, len as u32, &[]).await,
+            Some(buf) => {
+                let buf = Arc::new(buf);
+                let r = link.request_shared(K_WRITE, flags, off, buf.clone()).await;
+                if let Ok(b) = Arc::try_unwrap(buf) {
+                    crate::bufpool::put(b);
+                }
+                r
+            }
+        };
+        match reply {
+            Ok(rep) if rep.status == 0 => Ok(()),
+            Ok(rep) => Err(format!("partner failed resync write: errno {}", rep.status)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Accounts for one finished [`Self::resync_region`]; false when the
+    /// resync must stop (the link is then dropped, unless it already was).
+    fn resync_step_done(
+        &self,
+        link: &Arc<PeerLink>,
+        done: Option<Result<Result<u64, String>, tokio::task::JoinError>>,
+    ) -> bool {
+        let len = match done {
+            None => return true,
+            Some(Ok(Ok(len))) => len,
+            Some(Ok(Err(why))) => {
+                if !why.is_empty() {
+                    self.link_lost(link, &why);
+                }
+                return false;
+            }
+            Some(Err(_)) => {
+                self.link_lost(link, "resync task failed");
+                return false;
+            }
+        };
+        let mut st = self.lock();
+        if let Some(p) = st.resync.as_mut() {
+            p.done += 1;
+            p.done_bytes += len;
+            p.remaining_bytes = p.remaining_bytes.saturating_sub(len);
+        }
+        true
+    }
+
     // ------------------------------------------------------------------
     // Verify.
 
@@ -1497,18 +1563,28 @@ impl Volume {
         };
         for idx in 0..n {
             let _x = self.locks.exclusive(idx).await;
-            let local = self.blocking(move |r| r.hash_region(idx));
-            let remote = link.request(K_VERIFY, 0, idx, 0, &[]);
-            let (local, remote) = tokio::join!(local, remote);
-            let local = local.map_err(|e| ControlError::State(format!("local hash: {e}")))?;
-            let remote = remote.map_err(|e| ControlError::State(e.to_string()))?;
-            if remote.status != 0 || remote.payload.len() != 32 {
-                return Err(ControlError::State(format!(
-                    "partner could not hash region {idx}"
-                )));
+            let (off, len) = region::region_span(idx, self.region_size, self.size);
+            // Hashed in pieces, both sides at once: a large region's hash
+            // would otherwise outlast the link timeout.
+            let mut same = true;
+            let mut at = off;
+            while same && at < off + len {
+                let n = (off + len - at).min(u64::from(MAX_VERIFY_LEN));
+                let local = self.blocking(move |r| r.hash_range(at, n));
+                let remote = link.request(K_VERIFY, 0, at, n as u32, &[]);
+                let (local, remote) = tokio::join!(local, remote);
+                let local = local.map_err(|e| ControlError::State(format!("local hash: {e}")))?;
+                let remote = remote.map_err(|e| ControlError::State(e.to_string()))?;
+                if remote.status != 0 || remote.payload.len() != 32 {
+                    return Err(ControlError::State(format!(
+                        "partner could not hash region {idx}"
+                    )));
+                }
+                same = remote.payload[..] == local[..];
+                at += n;
             }
             report.regions_checked += 1;
-            if remote.payload[..] != local[..] {
+            if !same {
                 report.differing_count += 1;
                 if report.differing.len() < 1000 {
                     report.differing.push(idx);
@@ -1886,11 +1962,14 @@ impl Volume {
             }
             K_PING => Ok(Vec::new()),
             K_VERIFY => {
-                let idx = f.offset;
-                if idx >= self.replica.region_count() {
-                    return Err(IoError::new(EINVAL, "no such region"));
+                let (off, len) = (f.offset, u64::from(f.len));
+                if len == 0
+                    || len > u64::from(MAX_VERIFY_LEN)
+                    || off.checked_add(len).is_none_or(|end| end > self.size)
+                {
+                    return Err(IoError::new(EINVAL, "verify range outside the volume"));
                 }
-                self.blocking(move |r| r.hash_region(idx).map(|h| h.to_vec()))
+                self.blocking(move |r| r.hash_range(off, len).map(|h| h.to_vec()))
                     .await
             }
             K_RESYNC_DONE => {

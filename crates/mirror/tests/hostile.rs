@@ -373,7 +373,7 @@ impl FakePrimary {
 }
 
 #[test]
-fn replication_peer_part_frames_are_checked() {
+fn replication_peer_frames_are_checked() {
     use pairvisor_mirror::repl::proto::*;
     let d = tempfile::tempdir().unwrap();
     let b = Node::new(d.path(), "b", 8 * MIB);
@@ -389,6 +389,12 @@ fn replication_peer_part_frames_are_checked() {
     assert_eq!(p.call(K_ZERO, F_PART, 0, 4096, &[]), EINVAL);
     assert_eq!(p.call(K_FLUSH, F_PART, 0, 0, &[]), EINVAL);
     assert_eq!(p.call(K_WRITE, 0x80 | F_PART, 0, 4096, &chunk), EINVAL);
+    // VERIFY ranges: empty, too long, outside the volume, overflowing.
+    assert_eq!(p.call(K_VERIFY, 0, 0, 0, &[]), EINVAL);
+    assert_eq!(p.call(K_VERIFY, 0, 0, MAX_VERIFY_LEN + 1, &[]), EINVAL);
+    assert_eq!(p.call(K_VERIFY, 0, 8 * MIB - 4096, 8192, &[]), EINVAL);
+    assert_eq!(p.call(K_VERIFY, 0, u64::MAX - 10, 4096, &[]), EINVAL);
+    assert_eq!(p.call(K_VERIFY, 0, 0, 4096, &[]), 0);
     // A well-formed streamed write: PART chunks, then the durable last one.
     assert_eq!(p.call(K_WRITE, F_PART, 4096, 4096, &chunk), 0);
     assert_eq!(p.call(K_WRITE, F_PART, 8192, 4096, &[0xcd; 4096]), 0);

@@ -119,6 +119,35 @@ fn degraded_writes_then_bitmap_resync() {
 }
 
 #[test]
+fn regions_larger_than_a_frame_resync_in_pieces() {
+    // 128 MiB regions: more than one replication frame may carry.
+    let d = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(d.path(), 512 * MIB);
+    a.region_size = 128 * MIB;
+    b.region_size = 128 * MIB;
+    let mut pb = b.start("secondary", 0);
+    let pa = a.start("primary", 1);
+    pa.wait_link("in_sync", T);
+    pb.kill();
+    let data = pattern(9, 3 * MIB as usize);
+    rt().block_on(async {
+        let c = NbdClient::connect_tcp(&a.nbd_addr(), "vol").await.unwrap();
+        // Data at both ends of region 1 and a hole between them.
+        c.write(128 * MIB, &data, true).await.unwrap();
+        c.write(256 * MIB - 3 * MIB, &data, true).await.unwrap();
+    });
+    assert_eq!(pa.status()["dirty_regions"], 1);
+    let pb = b.start("secondary", 0);
+    pa.wait_link("in_sync", T);
+    let r = pa.status()["last_resync"].clone();
+    assert_eq!(r["total_regions"], 1, "{r}");
+    assert_eq!(r["done_bytes"], 128 * MIB, "{r}");
+    let v = pa.ctl(json!({"cmd":"verify"}));
+    assert_eq!(v["result"]["differing_count"], 0, "{v}");
+    assert_eq!(pa.data(), pb.data());
+}
+
+#[test]
 fn lease_lost_holds_io_until_partner_returns() {
     let d = tempfile::tempdir().unwrap();
     let (a, b) = pair(d.path(), 16 * MIB);

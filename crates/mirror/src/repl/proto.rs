@@ -49,9 +49,10 @@ use sha2::Sha256;
 
 /// Greeting magic.
 pub const GREETING: &[u8; 8] = b"PVMIRROR";
-/// Protocol version. 2 added [`F_PART`] (streamed writes); both sides of a
-/// link must speak the same version.
-pub const VERSION: u32 = 2;
+/// Protocol version. 2 added [`F_PART`] (streamed writes); 3 made
+/// [`K_VERIFY`] hash a byte range instead of a whole region. Both sides of
+/// a link must speak the same version.
+pub const VERSION: u32 = 3;
 /// Frame magic, "PVR1".
 pub const FRAME_MAGIC: u32 = 0x5056_5231;
 /// Largest handshake message accepted.
@@ -68,8 +69,12 @@ pub const K_ZERO: u16 = 2;
 pub const K_FLUSH: u16 = 3;
 /// Resync finished: payload is the source's current generation (u64).
 pub const K_RESYNC_DONE: u16 = 5;
-/// Return the SHA-256 of the region with index `offset`.
+/// Return the SHA-256 of `[offset, offset+len)` (at most
+/// [`MAX_VERIFY_LEN`] bytes, within the volume; no payload).
 pub const K_VERIFY: u16 = 6;
+/// Largest range one [`K_VERIFY`] hashes: a region larger than this is
+/// verified in pieces, so that no reply waits for a whole large region.
+pub const MAX_VERIFY_LEN: u32 = 8 << 20;
 /// Liveness probe.
 pub const K_PING: u16 = 7;
 /// Reply to a request.
@@ -136,9 +141,10 @@ impl Frame {
         })
     }
 
-    /// True if the frame carries `len` payload bytes.
+    /// True if the frame carries `len` payload bytes (`ZERO` and `VERIFY`
+    /// use `len` as a range length instead).
     pub fn has_payload(&self) -> bool {
-        self.kind != K_ZERO
+        self.kind != K_ZERO && self.kind != K_VERIFY
     }
 }
 
