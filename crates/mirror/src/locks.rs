@@ -99,8 +99,10 @@ impl RegionLocks {
     }
 
     /// Waits for the region exclusively (new writes wait behind it).
+    /// Cancel-safe: a waiter dropped before it gets the region stops
+    /// holding new writes back.
     pub async fn exclusive(self: &Arc<Self>, region: u64) -> ExclusiveGuard {
-        let mut registered = false;
+        let mut waiting: Option<Waiting<'_>> = None;
         loop {
             let n = self.notify.notified();
             tokio::pin!(n);
@@ -108,17 +110,20 @@ impl RegionLocks {
             {
                 let mut st = self.lock();
                 if Self::try_take_exclusive(&mut st, region) {
-                    if registered {
-                        st.slots.entry(region).or_default().waiting_exclusive -= 1;
+                    if let Some(w) = waiting.take() {
+                        w.done(&mut st);
                     }
                     return ExclusiveGuard {
                         locks: self.clone(),
                         region,
                     };
                 }
-                if !registered {
+                if waiting.is_none() {
                     st.slots.entry(region).or_default().waiting_exclusive += 1;
-                    registered = true;
+                    waiting = Some(Waiting {
+                        locks: self,
+                        region,
+                    });
                 }
             }
             n.await;
@@ -200,6 +205,37 @@ impl Drop for SharedGuard {
     }
 }
 
+/// An exclusive waiter's registration (which holds new writes back); taken
+/// back when the waiter gets the region or is dropped.
+struct Waiting<'a> {
+    locks: &'a RegionLocks,
+    region: u64,
+}
+
+impl Waiting<'_> {
+    /// The waiter got the region: unregister under the caller's lock.
+    fn done(self, st: &mut State) {
+        if let Some(s) = st.slots.get_mut(&self.region) {
+            s.waiting_exclusive = s.waiting_exclusive.saturating_sub(1);
+        }
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        {
+            let mut st = self.locks.lock();
+            if let Some(s) = st.slots.get_mut(&self.region) {
+                s.waiting_exclusive = s.waiting_exclusive.saturating_sub(1);
+            }
+            RegionLocks::gc(&mut st, self.region);
+        }
+        // Writes waiting for the region may go now.
+        self.locks.notify.notify_waiters();
+    }
+}
+
 impl Drop for ExclusiveGuard {
     fn drop(&mut self) {
         {
@@ -243,6 +279,28 @@ mod tests {
         let _g2 = l.shared(1..2, 100, 110).await; // waits for the exclusive holder
         assert!(ex.is_finished());
         ex.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_exclusive_waiter_stops_holding_writes_back() {
+        let l = Arc::new(RegionLocks::default());
+        let g = l.shared(0..1, 0, 10).await;
+        // The waiter registers, then is dropped (a resync task aborted
+        // while it waited).
+        let waited = tokio::time::timeout(Duration::from_millis(20), l.exclusive(0)).await;
+        assert!(waited.is_err());
+        drop(g);
+        let w = tokio::time::timeout(Duration::from_secs(5), l.shared(0..1, 20, 30)).await;
+        assert!(
+            w.is_ok(),
+            "a new write must not wait for a waiter that is gone"
+        );
+        drop(w);
+        assert!(l.lock().slots.is_empty(), "nothing left registered");
+        // A waiter that does get the region unregisters too.
+        let x = l.exclusive(0).await;
+        drop(x);
+        assert!(l.lock().slots.is_empty());
     }
 
     #[tokio::test]

@@ -207,7 +207,10 @@ fn stop_writers(
 ) {
     stop.store(true, Ordering::SeqCst);
     for w in ws {
-        let _ = rt.block_on(async { tokio::time::timeout(T, w).await });
+        // Each writer finishes its write in flight and stops; one that does
+        // not is a write that never completed (hung I/O), a bug in itself.
+        let done = rt.block_on(async { tokio::time::timeout(T, w).await });
+        assert!(done.is_ok(), "a write never completed within {T:?}");
     }
 }
 
