@@ -1475,13 +1475,12 @@ impl Volume {
     /// Sends `len` bytes at `off` to the partner as one durable resync
     /// frame (a zero-fill frame where the local replica has a hole).
     async fn resync_piece(&self, link: &PeerLink, off: u64, len: u64) -> Result<(), String> {
-        let buf = crate::bufpool::get(len as usize);
         let data = self
             .blocking(move |r| {
                 if r.is_hole(off, len) {
                     return Ok(None);
                 }
-                let mut buf = buf;
+                let mut buf = crate::bufpool::get(len as usize);
                 r.read_at(&mut buf, off)?;
                 Ok(Some(buf))
             })
@@ -1528,6 +1527,10 @@ impl Volume {
             }
         };
         let mut st = self.lock();
+        // A resync of an older link must not count into a newer one's.
+        if !st.link.as_ref().is_some_and(|l| Arc::ptr_eq(l, link)) {
+            return false;
+        }
         if let Some(p) = st.resync.as_mut() {
             p.done += 1;
             p.done_bytes += len;

@@ -101,9 +101,10 @@ pub struct Frame {
     pub flags: u16,
     /// Request id (echoed in the reply).
     pub id: u64,
-    /// Byte offset (or region index for `VERIFY`).
+    /// Byte offset.
     pub offset: u64,
-    /// Payload length (range length for `ZERO`).
+    /// Payload length (the range's length for `ZERO` and `VERIFY`, which
+    /// carry no payload).
     pub len: u32,
     /// Status in replies.
     pub aux: u32,
