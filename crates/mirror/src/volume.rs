@@ -1376,7 +1376,10 @@ impl Volume {
         let mut inflight = tokio::task::JoinSet::new();
         for idx in todo {
             while inflight.len() >= RESYNC_INFLIGHT {
-                if !self.resync_step_done(&link, inflight.join_next().await) {
+                let Some(done) = inflight.join_next().await else {
+                    break;
+                };
+                if !self.resync_step_done(&link, done) {
                     return;
                 }
             }
@@ -1395,7 +1398,7 @@ impl Volume {
             inflight.spawn(self.clone().resync_region(link.clone(), idx, off, len));
         }
         while let Some(done) = inflight.join_next().await {
-            if !self.resync_step_done(&link, Some(done)) {
+            if !self.resync_step_done(&link, done) {
                 return;
             }
         }
@@ -1444,17 +1447,18 @@ impl Volume {
 
     /// Copies region `idx` (`len` bytes at `off`) to the partner under the
     /// region's lock, and clears its dirty bit once the partner has it
-    /// durable. Returns the bytes done, or why the link must be dropped.
+    /// durable. Returns the bytes done, or why the link must be dropped
+    /// (`None`: it already is).
     async fn resync_region(
         self: Arc<Self>,
         link: Arc<PeerLink>,
         idx: u64,
         off: u64,
         len: u64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Option<String>> {
         let _x = self.locks.exclusive(idx).await;
         if !link.is_alive() {
-            return Err(String::new());
+            return Err(None);
         }
         if !self.replica.is_dirty(idx) {
             // A write made it clean meanwhile (it reached both replicas).
@@ -1465,7 +1469,7 @@ impl Volume {
         let mut at = off;
         while at < off + len {
             let n = (off + len - at).min(RESYNC_PIECE);
-            self.resync_piece(&link, at, n).await?;
+            self.resync_piece(&link, at, n).await.map_err(Some)?;
             at += n;
         }
         let _ = self.replica.clear_dirty(idx);
@@ -1492,9 +1496,7 @@ impl Volume {
             Some(buf) => {
                 let buf = Arc::new(buf);
                 let r = link.request_shared(K_WRITE, flags, off, buf.clone()).await;
-                if let Ok(b) = Arc::try_unwrap(buf) {
-                    crate::bufpool::put(b);
-                }
+                recycle(buf);
                 r
             }
         };
@@ -1510,18 +1512,17 @@ impl Volume {
     fn resync_step_done(
         &self,
         link: &Arc<PeerLink>,
-        done: Option<Result<Result<u64, String>, tokio::task::JoinError>>,
+        done: Result<Result<u64, Option<String>>, tokio::task::JoinError>,
     ) -> bool {
         let len = match done {
-            None => return true,
-            Some(Ok(Ok(len))) => len,
-            Some(Ok(Err(why))) => {
-                if !why.is_empty() {
+            Ok(Ok(len)) => len,
+            Ok(Err(why)) => {
+                if let Some(why) = why {
                     self.link_lost(link, &why);
                 }
                 return false;
             }
-            Some(Err(_)) => {
+            Err(_) => {
                 self.link_lost(link, "resync task failed");
                 return false;
             }

@@ -91,6 +91,11 @@ enum ClientLink {
 /// Set from `--client`.
 static CLIENT: std::sync::OnceLock<ClientLink> = std::sync::OnceLock::new();
 
+/// The transport chosen with `--client`.
+fn client_link() -> ClientLink {
+    CLIENT.get().copied().unwrap_or(ClientLink::Unix)
+}
+
 /// Where a target's export listens.
 #[derive(Clone)]
 enum Endpoint {
@@ -190,7 +195,7 @@ struct MirrorNode {
 impl MirrorNode {
     /// The export the benchmark client uses (`--client`).
     fn endpoint(&self) -> Endpoint {
-        match CLIENT.get().copied().unwrap_or(ClientLink::Unix) {
+        match client_link() {
             ClientLink::Unix => Endpoint::Unix(self.nbd_sock.clone()),
             ClientLink::Tcp => Endpoint::Tcp(format!("127.0.0.1:{}", self.nbd_port)),
         }
@@ -526,7 +531,7 @@ fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
     let sock = root.join("qemu-nbd.sock");
     let mut cmd = pinned("qemu-nbd", 0);
     cmd.args(["-f", "raw", "-x", "vol"]);
-    let at = match CLIENT.get().copied().unwrap_or(ClientLink::Unix) {
+    let at = match client_link() {
         ClientLink::Unix => {
             cmd.arg("-k").arg(&sock);
             Endpoint::Unix(sock.clone())
