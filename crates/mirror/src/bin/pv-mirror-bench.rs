@@ -3,14 +3,21 @@
 //! * (a) our NBD export replicating to a partner over loopback,
 //! * (b) our export without a partner (simplex),
 //! * (c) `qemu-nbd` serving the same kind of raw file,
+//! * with `--qemu-mirror`, (d) QEMU's own synchronous replication: a
+//!   `qemu-storage-daemon` export with a `write-blocking` mirror job to a
+//!   partner `qemu-nbd` over loopback, the standard tools' counterpart of (a),
 //!
 //! for sequential 1 MiB writes, 4 KiB random writes at queue depth 1 and
 //! 32, and 4 KiB random reads, and prints JSON with throughput, p50/p99
-//! latency and the ratios (a)/(b) and (b)/(c). Durability is compared like
-//! for like: our default (every write durable before its reply) against
-//! `qemu-nbd --cache=writethrough`, and our `on-flush` mode against
-//! `qemu-nbd --cache=writeback`. The three targets run side by side and
-//! are measured in turns, round after round (see [`compare`]). It also
+//! latency, CPU time per MiB and the ratios (a)/(b) and (b)/(c) (and, with
+//! (d), (d)/(c) and (a)/(d)). Durability is compared like for like: our
+//! default (every write durable before its reply) against `qemu-nbd
+//! --cache=writethrough`, and our `on-flush` mode against `qemu-nbd
+//! --cache=writeback`, (d) likewise. The targets run side by side and are
+//! measured in turns, round after round (see [`compare`]). With
+//! `--pin-secondary` each round of a sequential workload also measures what
+//! a bare TCP stream costs CPU 0 ([`bare_wire`]), and from it how high
+//! (a)/(b) could go on this machine at all ([`wire_ceiling`]). It also
 //! times resyncs of N dirty MiB on volumes of different sizes. Run it in
 //! release mode:
 //!
@@ -77,6 +84,11 @@ struct Args {
     /// as QEMU reaches a volume's export on its PM, or TCP over loopback.
     #[arg(long, value_enum, default_value = "unix")]
     client: ClientLink,
+    /// Also measure (d), QEMU's own synchronous mirror: qemu-storage-daemon
+    /// with a `write-blocking` `blockdev-mirror` job to a partner qemu-nbd
+    /// over loopback, against (c) as (a) is against (b).
+    #[arg(long)]
+    qemu_mirror: bool,
 }
 
 /// The benchmark client's transport to the exports.
@@ -429,40 +441,219 @@ fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
 
+/// Busy and total time of CPU 0 and CPU 1 so far, in clock ticks, from
+/// `/proc/stat`: what each target costs the CPU it runs on, as opposed to
+/// how fast it goes, is what tells a protocol's cost from the machine's.
+#[derive(Clone, Copy, Default)]
+struct CpuTicks {
+    busy: [u64; 2],
+    total: [u64; 2],
+}
+
+impl CpuTicks {
+    fn now() -> CpuTicks {
+        let mut t = CpuTicks::default();
+        let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+            return t;
+        };
+        for line in stat.lines() {
+            let mut f = line.split_whitespace();
+            let cpu = match f.next() {
+                Some("cpu0") => 0,
+                Some("cpu1") => 1,
+                _ => continue,
+            };
+            // user nice system idle iowait irq softirq steal
+            let v: Vec<u64> = f.take(8).filter_map(|x| x.parse().ok()).collect();
+            if v.len() == 8 {
+                // Steal is the host's, not this machine's work.
+                t.total[cpu] = v.iter().sum::<u64>() - v[7];
+                t.busy[cpu] = v[0] + v[1] + v[2] + v[5] + v[6];
+            }
+        }
+        t
+    }
+
+    /// What was spent between `self` and `later`.
+    fn since(self, later: CpuTicks) -> CpuTicks {
+        CpuTicks {
+            busy: [0, 1].map(|i| later.busy[i].saturating_sub(self.busy[i])),
+            total: [0, 1].map(|i| later.total[i].saturating_sub(self.total[i])),
+        }
+    }
+
+    fn add(&mut self, o: CpuTicks) {
+        for i in 0..2 {
+            self.busy[i] += o.busy[i];
+            self.total[i] += o.total[i];
+        }
+    }
+
+    /// Busy share of each CPU, in percent.
+    fn busy_pct(&self) -> [f64; 2] {
+        [0, 1].map(|i| (100.0 * self.busy[i] as f64 / self.total[i].max(1) as f64).round())
+    }
+
+    /// Busy CPU time per MiB moved, in microseconds.
+    fn us_per_mib(&self, mib: f64) -> [f64; 2] {
+        let tick = 1e6 / clock_ticks_per_sec();
+        [0, 1].map(|i| (self.busy[i] as f64 * tick / mib.max(1e-9)).round())
+    }
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: the set is a plain bitmask initialised by CPU_ZERO, and
+    // sched_setaffinity(0, …) only affects the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// What a bare TCP stream over loopback costs each CPU: a thread on CPU 0
+/// writes 1 MiB buffers for `seconds` to a thread on CPU 1 that reads and
+/// drops them, with no protocol, no disk and no replies. Replicating a
+/// write costs the primary's CPU at least about this much on top of what
+/// the simplex export spends, whatever the protocol; on loopback that
+/// includes the receiver's TCP processing, which a NIC would move to the
+/// partner's host.
+fn bare_wire(seconds: f64) -> anyhow::Result<Value> {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+        pin_this_thread(1)?;
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut buf = vec![0u8; MIB as usize];
+        let mut n = 0u64;
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(n),
+                k => n += k as u64,
+            }
+        }
+    });
+    let sender = std::thread::spawn(move || -> anyhow::Result<(u64, f64, CpuTicks)> {
+        pin_this_thread(0)?;
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let buf = vec![0x5au8; MIB as usize];
+        // Warm up the connection's window before measuring.
+        for _ in 0..64 {
+            s.write_all(&buf)?;
+        }
+        let (t, before) = (Instant::now(), CpuTicks::now());
+        let mut sent = 0u64;
+        while t.elapsed().as_secs_f64() < seconds {
+            s.write_all(&buf)?;
+            sent += MIB;
+        }
+        let spent = before.since(CpuTicks::now());
+        Ok((sent, t.elapsed().as_secs_f64(), spent))
+    });
+    let (sent, secs, spent) = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bare-wire sender panicked"))??;
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the bare-wire reader panicked"))??;
+    let mib = sent as f64 / MIB as f64;
+    let [us0, us1] = spent.us_per_mib(mib);
+    let [pct0, pct1] = spent.busy_pct();
+    Ok(json!({
+        "mib_per_sec": (mib / secs).round(),
+        "cpu0_us_per_mib": us0,
+        "cpu1_us_per_mib": us1,
+        "cpu0_busy_pct": pct0,
+        "cpu1_busy_pct": pct1,
+    }))
+}
+
 /// A running export under test.
 struct Target {
     at: Endpoint,
     _procs: Killer,
 }
 
-/// Runs every workload on the three targets (a), (b), (c) in turns: each
-/// round runs it once on each target, in an order that rotates from round
-/// to round, so that the three see the same machine. This machine's speed
+/// What [`compare`] found: per target, then the ratios.
+struct Comparison {
+    /// (a), (b), (c) and, with `--qemu-mirror`, (d).
+    targets: Vec<serde_json::Map<String, Value>>,
+    ab: serde_json::Map<String, Value>,
+    bc: serde_json::Map<String, Value>,
+    /// (d)/(c): what QEMU's own synchronous mirror costs qemu-nbd's speed.
+    dc: serde_json::Map<String, Value>,
+    /// (a)/(d): our replication against QEMU's, head to head.
+    ad: serde_json::Map<String, Value>,
+}
+
+/// Runs every workload on the targets (a), (b), (c) and, if given, (d) in
+/// turns: each round runs it once on each target, in an order that rotates
+/// from round to round, so that they all see the same machine. This machine's speed
 /// drifts and jumps between runs (by up to a quarter, for minutes at a
 /// time); targets measured one after the other would compare different
 /// machines. Throughput is the median over the rounds, latency percentiles
 /// are over all requests, and each ratio is the median of the rounds' own
 /// ratios, with their range.
-async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5]> {
+async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison> {
+    let n = targets.len();
     let area = args.area_mib * MIB;
     for t in targets {
         prefill(&t.at, area).await?;
     }
     let rounds = args.rounds.max(1);
     let per_run = args.seconds / rounds as f64;
-    let mut out: [serde_json::Map<String, Value>; 5] = Default::default();
+    let mut out = Comparison {
+        targets: vec![Default::default(); n],
+        ab: Default::default(),
+        bc: Default::default(),
+        dc: Default::default(),
+        ad: Default::default(),
+    };
     for w in WORKLOADS {
         if !args.workloads.is_empty() && !args.workloads.iter().any(|n| n == w.name) {
             continue;
         }
-        let mut mbs: [Vec<f64>; 3] = Default::default();
-        let mut lat: [Vec<u64>; 3] = Default::default();
+        let mut mbs: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut lat: Vec<Vec<u64>> = vec![Vec::new(); n];
+        // CPU 0's busy microseconds per MiB, per target and round.
+        let mut cpu0: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut ticks = vec![CpuTicks::default(); n];
+        let mut mib_moved = vec![0f64; n];
+        let mut wire: Vec<Value> = Vec::new();
+        let with_wire = matches!(w.kind, Kind::SeqWrite) && PIN.get().copied().unwrap_or(false);
         for r in 0..rounds {
-            for k in 0..3 {
-                let i = (r + k) % 3;
+            for k in 0..n {
+                let i = (r + k) % n;
+                let before = CpuTicks::now();
                 let s = run_workload(&targets[i].at, w, per_run, area).await?;
+                let spent = before.since(CpuTicks::now());
+                let mib = (s.lat.len() * w.bs) as f64 / MIB as f64;
+                cpu0[i].push(spent.us_per_mib(mib)[0]);
+                ticks[i].add(spent);
+                mib_moved[i] += mib;
                 mbs[i].push(s.mb_per_sec(w.bs));
                 lat[i].extend(s.lat);
+            }
+            if with_wire {
+                wire.push(tokio::task::spawn_blocking(move || bare_wire(per_run)).await??);
             }
         }
         let ratios = |x: usize, y: usize| {
@@ -470,7 +661,7 @@ async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5
             let mid = median(&mut v); // sorts v
             (round2(mid), [round2(v[0]), round2(v[rounds - 1])])
         };
-        for i in 0..3 {
+        for i in 0..n {
             lat[i].sort_unstable();
             let mb = median(&mut mbs[i].clone());
             let v = json!({
@@ -480,17 +671,87 @@ async fn compare(targets: [&Target; 3], args: &Args) -> anyhow::Result<[Value; 5
                 "mb_per_sec_rounds": mbs[i].iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
                 "p50_us": percentile(&lat[i], 0.50),
                 "p99_us": percentile(&lat[i], 0.99),
+                "cpu_busy_pct": ticks[i].busy_pct(),
+                "cpu_us_per_mib": ticks[i].us_per_mib(mib_moved[i]),
             });
-            eprintln!("  {} {}: {v}", ["a", "b", "c"][i], w.name);
-            out[i].insert(w.name.into(), v);
+            eprintln!("  {} {}: {v}", ["a", "b", "c", "d"][i], w.name);
+            out.targets[i].insert(w.name.into(), v);
         }
         let (ab, ab_range) = ratios(0, 1);
         let (bc, bc_range) = ratios(1, 2);
         eprintln!("  {}: a/b {ab} {ab_range:?}, b/c {bc} {bc_range:?}", w.name);
-        out[3].insert(w.name.into(), json!({ "median": ab, "range": ab_range }));
-        out[4].insert(w.name.into(), json!({ "median": bc, "range": bc_range }));
+        let mut ab_json = json!({ "median": ab, "range": ab_range });
+        if !wire.is_empty() {
+            let b_cpu0 = |r: usize| cpu0[1][r];
+            let t_b = |r: usize| MIB as f64 / mbs[1][r];
+            let a_extra =
+                ticks[0].us_per_mib(mib_moved[0])[0] - ticks[1].us_per_mib(mib_moved[1])[0];
+            ab_json["bare_wire"] = wire_ceiling(w, &wire, b_cpu0, t_b, a_extra);
+        }
+        out.ab.insert(w.name.into(), ab_json);
+        out.bc
+            .insert(w.name.into(), json!({ "median": bc, "range": bc_range }));
+        if n > 3 {
+            let (dc, dc_range) = ratios(3, 2);
+            let (ad, ad_range) = ratios(0, 3);
+            eprintln!("  {}: d/c {dc} {dc_range:?}, a/d {ad} {ad_range:?}", w.name);
+            out.dc
+                .insert(w.name.into(), json!({ "median": dc, "range": dc_range }));
+            out.ad
+                .insert(w.name.into(), json!({ "median": ad, "range": ad_range }));
+        }
     }
-    Ok(out.map(Value::Object))
+    Ok(out)
+}
+
+/// The bare-wire measurements of one workload's rounds ([`bare_wire`]),
+/// and what they say of (a)/(b): `b_cpu0(r)` and `t_b(r)` are (b)'s CPU 0
+/// time and its time per MiB in round r, `a_extra` what (a) spent on CPU 0
+/// per MiB beyond (b).
+///
+/// The ceiling is an estimate of the most (a) could reach if replicating
+/// cost CPU 0 nothing but the bare stream of the same bytes, W µs per MiB.
+/// With writes in flight together CPU 0 is the limit — it is busy all the
+/// time in (a) and (b) — so (a) needs at least B + W µs of it per MiB
+/// where (b) takes t: t / (B + W), at most 1. At depth 1 CPU 0 is idle
+/// part of the time and a write's bytes cross the wire while more arrive,
+/// so no such bound holds; only the wire's cost is reported.
+fn wire_ceiling(
+    w: &Workload,
+    wire: &[Value],
+    b_cpu0: impl Fn(usize) -> f64,
+    t_b: impl Fn(usize) -> f64,
+    a_extra: f64,
+) -> Value {
+    let w0: Vec<f64> = wire
+        .iter()
+        .filter_map(|x| x["cpu0_us_per_mib"].as_f64())
+        .collect();
+    let speed: Vec<f64> = wire
+        .iter()
+        .filter_map(|x| x["mib_per_sec"].as_f64())
+        .collect();
+    let mut v = json!({
+        "wire_cpu0_us_per_mib_rounds": w0,
+        "wire_mib_per_sec_rounds": speed,
+        "a_minus_b_cpu0_us_per_mib": a_extra,
+    });
+    if w.qd > 1 && !w0.is_empty() {
+        let mut ceiling: Vec<f64> = (0..w0.len())
+            .map(|r| (t_b(r) / (b_cpu0(r) + w0[r])).min(1.0))
+            .collect();
+        let mid = round2(median(&mut ceiling)); // sorts
+        v["ceiling_a_over_b"] = json!({
+            "median": mid,
+            "range": [round2(ceiling[0]), round2(ceiling[ceiling.len() - 1])],
+        });
+        eprintln!("  {}: bare-wire ceiling for a/b {mid}", w.name);
+    }
+    eprintln!(
+        "  {}: bare wire CPU 0 µs/MiB {w0:?}, (a) beyond (b) {a_extra}",
+        w.name
+    );
+    v
 }
 
 /// A replicated pair: the primary under `root`, the secondary under
@@ -524,14 +785,29 @@ fn mirror_simplex(root: &Path, size: u64, extra: &[&str]) -> anyhow::Result<Targ
 }
 
 fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
+    let (at, child) = spawn_qemu_nbd(root, size, cache, 0, client_link())?;
+    Ok(Target {
+        at,
+        _procs: Killer(vec![child]),
+    })
+}
+
+/// `qemu-nbd` serving a new raw file under `root` on `cpu`, once it accepts.
+fn spawn_qemu_nbd(
+    root: &Path,
+    size: u64,
+    cache: &str,
+    cpu: u32,
+    link: ClientLink,
+) -> anyhow::Result<(Endpoint, Child)> {
     std::fs::create_dir_all(root)?;
     let file = root.join("disk.raw");
     std::fs::File::create(&file)?.set_len(size)?;
     let port = free_port()?;
     let sock = root.join("qemu-nbd.sock");
-    let mut cmd = pinned("qemu-nbd", 0);
+    let mut cmd = pinned("qemu-nbd", cpu);
     cmd.args(["-f", "raw", "-x", "vol"]);
-    let at = match client_link() {
+    let at = match link {
         ClientLink::Unix => {
             cmd.arg("-k").arg(&sock);
             Endpoint::Unix(sock.clone())
@@ -550,13 +826,140 @@ fn qemu_nbd(root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
         .stderr(Stdio::null())
         .spawn()
         .context("spawning qemu-nbd")?;
-    let procs = Killer(vec![child]);
+    let mut procs = Killer(vec![child]);
     wait_for("qemu-nbd", Duration::from_secs(10), || match &at {
         Endpoint::Unix(p) => UnixStream::connect(p).ok().map(drop),
         Endpoint::Tcp(_) => std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
             .map(drop),
     })?;
+    let child = procs.0.pop().context("qemu-nbd's process")?;
+    Ok((at, child))
+}
+
+/// A QMP session, just enough to set up a mirror job: commands in, their
+/// replies out, events skipped.
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> anyhow::Result<Qmp> {
+        let w = wait_for("QMP socket", Duration::from_secs(10), || {
+            UnixStream::connect(path).ok()
+        })?;
+        let mut q = Qmp {
+            r: BufReader::new(w.try_clone()?),
+            w,
+        };
+        q.reply()?; // the greeting
+        q.run("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn reply(&mut self) -> anyhow::Result<Value> {
+        loop {
+            let mut line = String::new();
+            anyhow::ensure!(self.r.read_line(&mut line)? > 0, "QMP closed");
+            let v: Value = serde_json::from_str(&line)?;
+            if v.get("event").is_none() {
+                return Ok(v);
+            }
+        }
+    }
+
+    fn run(&mut self, cmd: &str, args: Value) -> anyhow::Result<Value> {
+        writeln!(self.w, "{}", json!({ "execute": cmd, "arguments": args }))?;
+        let v = self.reply()?;
+        if let Some(e) = v.get("error") {
+            bail!("QMP {cmd}: {e}");
+        }
+        Ok(v["return"].clone())
+    }
+}
+
+/// (d): QEMU's own synchronous replication, the standard tool's answer to
+/// what (a) does. `qemu-storage-daemon` on CPU 0 exports a raw file the way
+/// qemu-nbd does, with a `blockdev-mirror` job in `write-blocking` mode to a
+/// partner `qemu-nbd` on CPU 1 over loopback TCP: a write completes only
+/// once the partner has it. `cache` is qemu-nbd's word for the durability
+/// of both sides (`writethrough`: every write flushed before its reply).
+fn qemu_mirror(root: &Path, partner_root: &Path, size: u64, cache: &str) -> anyhow::Result<Target> {
+    let (partner, partner_child) = spawn_qemu_nbd(partner_root, size, cache, 1, ClientLink::Tcp)?;
+    let Endpoint::Tcp(partner_addr) = partner else {
+        bail!("the partner qemu-nbd listens on TCP");
+    };
+    let (host, port) = partner_addr
+        .rsplit_once(':')
+        .context("the partner's address")?;
+    let file = root.join("src.raw");
+    std::fs::File::create(&file)?.set_len(size)?;
+    let qmp_path = root.join("qsd-qmp.sock");
+    let sock = root.join("qsd-nbd.sock");
+    let nbd_port = free_port()?;
+    let (addr, at) = match client_link() {
+        ClientLink::Unix => (
+            format!("addr.type=unix,addr.path={}", sock.display()),
+            Endpoint::Unix(sock.clone()),
+        ),
+        ClientLink::Tcp => (
+            format!("addr.type=inet,addr.host=127.0.0.1,addr.port={nbd_port}"),
+            Endpoint::Tcp(format!("127.0.0.1:{nbd_port}")),
+        ),
+    };
+    let writethrough = if cache == "writethrough" { "on" } else { "off" };
+    let child = pinned("qemu-storage-daemon", 0)
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            file.display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--blockdev")
+        .arg(format!(
+            "driver=nbd,node-name=partner,server.type=inet,server.host={host},server.port={port},export=vol"
+        ))
+        .arg("--nbd-server")
+        .arg(addr)
+        .arg("--export")
+        .arg(format!(
+            "type=nbd,id=e0,node-name=disk0,writable=on,name=vol,writethrough={writethrough}"
+        ))
+        .arg("--chardev")
+        .arg(format!(
+            "socket,id=qmp0,path={},server=on,wait=off",
+            qmp_path.display()
+        ))
+        .args(["--monitor", "chardev=qmp0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning qemu-storage-daemon")?;
+    let procs = Killer(vec![child, partner_child]);
+    let mut qmp = Qmp::connect(&qmp_path)?;
+    // Started after the export exists, the job's filter goes between the
+    // export and the disk, so that every write through the export is
+    // mirrored.
+    qmp.run(
+        "blockdev-mirror",
+        json!({
+            "job-id": "m0", "device": "disk0", "target": "partner",
+            "sync": "full", "copy-mode": "write-blocking",
+        }),
+    )?;
+    wait_for(
+        "the mirror job to be ready",
+        Duration::from_secs(120),
+        || {
+            let jobs = qmp.run("query-block-jobs", json!({})).ok()?;
+            jobs.as_array()?
+                .iter()
+                .any(|j| j["ready"] == json!(true))
+                .then_some(())
+        },
+    )?;
     Ok(Target { at, _procs: procs })
 }
 
@@ -571,7 +974,7 @@ async fn resync_time(root: &Path, size_mib: u64, dirty_mib: u64) -> anyhow::Resu
     let _ = cb.kill();
     let _ = cb.wait();
     {
-        let c = NbdClient::connect_tcp(&format!("127.0.0.1:{}", a.nbd_port), "vol").await?;
+        let c = a.endpoint().connect().await?;
         let buf = vec![0xc3u8; MIB as usize];
         // Scattered over the whole volume, one MiB per region.
         let stride = size_mib / dirty_mib;
@@ -607,14 +1010,31 @@ async fn resync_time(root: &Path, size_mib: u64, dirty_mib: u64) -> anyhow::Resu
     }))
 }
 
-fn durability_json([a, b, c, ab, bc]: [Value; 5], c_name: &str) -> Value {
-    json!({
-        "a_replicated": a,
-        "b_simplex": b,
-        c_name: c,
+fn durability_json(cmp: Option<Comparison>, c_name: &str) -> Value {
+    let Some(Comparison {
+        targets,
+        ab,
+        bc,
+        dc,
+        ad,
+    }) = cmp
+    else {
+        return json!({});
+    };
+    let mut t = targets.into_iter();
+    let mut v = json!({
+        "a_replicated": t.next(),
+        "b_simplex": t.next(),
+        c_name: t.next(),
         "ratio_a_over_b": ab,
         "ratio_b_over_c": bc,
-    })
+    });
+    if let Some(d) = t.next() {
+        v["d_qemu_sync_mirror"] = Value::Object(d);
+        v["ratio_d_over_c"] = Value::Object(dc);
+        v["ratio_a_over_d"] = Value::Object(ad);
+    }
+    v
 }
 
 fn main() -> anyhow::Result<()> {
@@ -645,23 +1065,38 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let size = args.size_mib * MIB;
+    let with_qemu_mirror = |name: &str, cache: &str| -> anyhow::Result<Option<Target>> {
+        if !args.qemu_mirror {
+            return Ok(None);
+        }
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let partner_dir = partner(name).unwrap_or_else(|| dir.join("partner"));
+        qemu_mirror(&dir, &partner_dir, size, cache).map(Some)
+    };
     rt.block_on(async {
         eprintln!("every write durable: (a) replicated, (b) simplex, (c) qemu-nbd writethrough");
         let every = {
             let a = mirror_pair(&root.join("a"), partner("a").as_deref(), size, &[]).await?;
             let b = mirror_simplex(&root.join("b"), size, &[])?;
             let c = qemu_nbd(&root.join("c"), size, "writethrough")?;
-            compare([&a, &b, &c], &args).await?
+            let d = with_qemu_mirror("d", "writethrough")?;
+            let mut t = vec![&a, &b, &c];
+            t.extend(d.as_ref());
+            Some(compare(&t, &args).await?)
         };
         let on_flush = if args.every_write_only {
-            Default::default()
+            None
         } else {
             eprintln!("durable on flush: (a) replicated, (b) simplex, (c) qemu-nbd writeback");
             let of = ["--durability", "on-flush"];
             let a = mirror_pair(&root.join("a2"), partner("a2").as_deref(), size, &of).await?;
             let b = mirror_simplex(&root.join("b2"), size, &of)?;
             let c = qemu_nbd(&root.join("c2"), size, "writeback")?;
-            compare([&a, &b, &c], &args).await?
+            let d = with_qemu_mirror("d2", "writeback")?;
+            let mut t = vec![&a, &b, &c];
+            t.extend(d.as_ref());
+            Some(compare(&t, &args).await?)
         };
         let mut resync = Vec::new();
         if !args.no_resync {
