@@ -16,8 +16,9 @@
 //! --cache=writeback`, (d) likewise. The targets run side by side and are
 //! measured in turns, round after round (see [`compare`]). With
 //! `--pin-secondary` each round of a sequential workload also measures what
-//! a bare TCP stream costs CPU 0 ([`bare_wire`]), and from it how high
-//! (a)/(b) could go on this machine at all ([`wire_ceiling`]). It also
+//! a bare stream costs CPU 0, over TCP and over a Unix socket
+//! ([`bare_wire`]), and from it how high (a)/(b) could go on this machine
+//! at all ([`wire_ceiling`]). It also
 //! times resyncs of N dirty MiB on volumes of different sizes. Run it in
 //! release mode:
 //!
@@ -526,25 +527,45 @@ fn pin_this_thread(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// What a bare TCP stream over loopback costs each CPU: a thread on CPU 0
-/// writes 1 MiB buffers for `seconds` to a thread on CPU 1 that reads and
-/// drops them, with no protocol, no disk and no replies. Replicating a
-/// write costs the primary's CPU at least about this much on top of what
-/// the simplex export spends, whatever the protocol; on loopback that
-/// includes the receiver's TCP processing, which a NIC would move to the
-/// partner's host.
-fn bare_wire(seconds: f64) -> anyhow::Result<Value> {
-    use std::io::Read;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
+/// The stream [`bare_wire`] measures.
+#[derive(Clone, Copy, Debug)]
+enum Wire {
+    /// TCP over loopback, as the replication link.
+    Tcp,
+    /// A Unix socket pair: the sender's cost is little more than copying
+    /// the bytes into the socket, about what a link costs a host whose NIC
+    /// does the TCP work.
+    Unix,
+}
+
+/// What a bare stream costs each CPU: a thread on CPU 0 writes 1 MiB
+/// buffers for `seconds` to a thread on CPU 1 that reads and drops them,
+/// with no protocol, no disk and no replies. Replicating a write costs the
+/// primary's CPU at least about this much on top of what the simplex
+/// export spends, whatever the protocol. Over TCP on loopback that includes
+/// the receiver's TCP processing, which a NIC would move to the partner's
+/// host; over a Unix socket it is hardly more than the copy.
+fn bare_wire(seconds: f64, wire: Wire) -> anyhow::Result<Value> {
+    type Ends = (Box<dyn Write + Send>, Box<dyn std::io::Read + Send>);
+    let (mut tx, mut rx): Ends = match wire {
+        Wire::Tcp => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            let tx = std::net::TcpStream::connect(listener.local_addr()?)?;
+            let (rx, _) = listener.accept()?;
+            tx.set_nodelay(true)?;
+            (Box::new(tx), Box::new(rx))
+        }
+        Wire::Unix => {
+            let (tx, rx) = UnixStream::pair()?;
+            (Box::new(tx), Box::new(rx))
+        }
+    };
     let reader = std::thread::spawn(move || -> std::io::Result<u64> {
         pin_this_thread(1)?;
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
         let mut buf = vec![0u8; MIB as usize];
         let mut n = 0u64;
         loop {
-            match s.read(&mut buf)? {
+            match rx.read(&mut buf)? {
                 0 => return Ok(n),
                 k => n += k as u64,
             }
@@ -552,21 +573,20 @@ fn bare_wire(seconds: f64) -> anyhow::Result<Value> {
     });
     let sender = std::thread::spawn(move || -> anyhow::Result<(u64, f64, CpuTicks)> {
         pin_this_thread(0)?;
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_nodelay(true)?;
         let buf = vec![0x5au8; MIB as usize];
         // Warm up the connection's window before measuring.
         for _ in 0..64 {
-            s.write_all(&buf)?;
+            tx.write_all(&buf)?;
         }
         let (t, before) = (Instant::now(), CpuTicks::now());
         let mut sent = 0u64;
         while t.elapsed().as_secs_f64() < seconds {
-            s.write_all(&buf)?;
+            tx.write_all(&buf)?;
             sent += MIB;
         }
         let spent = before.since(CpuTicks::now());
         Ok((sent, t.elapsed().as_secs_f64(), spent))
+        // Dropping `tx` ends the reader.
     });
     let (sent, secs, spent) = sender
         .join()
@@ -637,7 +657,7 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
         let mut cpu0: Vec<Vec<f64>> = vec![Vec::new(); n];
         let mut ticks = vec![CpuTicks::default(); n];
         let mut mib_moved = vec![0f64; n];
-        let mut wire: Vec<Value> = Vec::new();
+        let (mut wire, mut unix_wire): (Vec<Value>, Vec<Value>) = Default::default();
         let with_wire = matches!(w.kind, Kind::SeqWrite) && PIN.get().copied().unwrap_or(false);
         for r in 0..rounds {
             for k in 0..n {
@@ -653,7 +673,11 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
                 lat[i].extend(s.lat);
             }
             if with_wire {
-                wire.push(tokio::task::spawn_blocking(move || bare_wire(per_run)).await??);
+                for (kind, into) in [(Wire::Tcp, &mut wire), (Wire::Unix, &mut unix_wire)] {
+                    into.push(
+                        tokio::task::spawn_blocking(move || bare_wire(per_run, kind)).await??,
+                    );
+                }
             }
         }
         let ratios = |x: usize, y: usize| {
@@ -686,7 +710,7 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
             let t_b = |r: usize| MIB as f64 / mbs[1][r];
             let a_extra =
                 ticks[0].us_per_mib(mib_moved[0])[0] - ticks[1].us_per_mib(mib_moved[1])[0];
-            ab_json["bare_wire"] = wire_ceiling(w, &wire, b_cpu0, t_b, a_extra);
+            ab_json["bare_wire"] = wire_ceiling(w, &wire, &unix_wire, b_cpu0, t_b, a_extra);
         }
         out.ab.insert(w.name.into(), ab_json);
         out.bc
@@ -705,11 +729,11 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
 }
 
 /// The bare-wire measurements of one workload's rounds ([`bare_wire`]),
-/// and what they say of (a)/(b): `b_cpu0(r)` and `t_b(r)` are (b)'s CPU 0
-/// time and its time per MiB in round r, `a_extra` what (a) spent on CPU 0
-/// per MiB beyond (b).
+/// over TCP and over a Unix socket, and what they say of (a)/(b):
+/// `b_cpu0(r)` and `t_b(r)` are (b)'s CPU 0 time and its time per MiB in
+/// round r, `a_extra` what (a) spent on CPU 0 per MiB beyond (b).
 ///
-/// The ceiling is an estimate of the most (a) could reach if replicating
+/// A ceiling is an estimate of the most (a) could reach if replicating
 /// cost CPU 0 nothing but the bare stream of the same bytes, W µs per MiB.
 /// With writes in flight together CPU 0 is the limit — it is busy all the
 /// time in (a) and (b) — so (a) needs at least B + W µs of it per MiB
@@ -718,40 +742,48 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
 /// so no such bound holds; only the wire's cost is reported.
 fn wire_ceiling(
     w: &Workload,
-    wire: &[Value],
+    tcp: &[Value],
+    unix: &[Value],
     b_cpu0: impl Fn(usize) -> f64,
     t_b: impl Fn(usize) -> f64,
     a_extra: f64,
 ) -> Value {
-    let w0: Vec<f64> = wire
-        .iter()
-        .filter_map(|x| x["cpu0_us_per_mib"].as_f64())
-        .collect();
-    let speed: Vec<f64> = wire
-        .iter()
-        .filter_map(|x| x["mib_per_sec"].as_f64())
-        .collect();
-    let mut v = json!({
-        "wire_cpu0_us_per_mib_rounds": w0,
-        "wire_mib_per_sec_rounds": speed,
-        "a_minus_b_cpu0_us_per_mib": a_extra,
-    });
-    if w.qd > 1 && !w0.is_empty() {
-        let mut ceiling: Vec<f64> = (0..w0.len())
-            .map(|r| (t_b(r) / (b_cpu0(r) + w0[r])).min(1.0))
+    let one = |wire: &[Value], name: &str| {
+        let w0: Vec<f64> = wire
+            .iter()
+            .filter_map(|x| x["cpu0_us_per_mib"].as_f64())
             .collect();
-        let mid = round2(median(&mut ceiling)); // sorts
-        v["ceiling_a_over_b"] = json!({
-            "median": mid,
-            "range": [round2(ceiling[0]), round2(ceiling[ceiling.len() - 1])],
+        let speed: Vec<f64> = wire
+            .iter()
+            .filter_map(|x| x["mib_per_sec"].as_f64())
+            .collect();
+        eprintln!("  {}: bare {name} wire, CPU 0 µs/MiB {w0:?}", w.name);
+        let mut v = json!({
+            "cpu0_us_per_mib_rounds": w0,
+            "mib_per_sec_rounds": speed,
         });
-        eprintln!("  {}: bare-wire ceiling for a/b {mid}", w.name);
-    }
-    eprintln!(
-        "  {}: bare wire CPU 0 µs/MiB {w0:?}, (a) beyond (b) {a_extra}",
-        w.name
-    );
-    v
+        if w.qd > 1 && !w0.is_empty() {
+            let mut ceiling: Vec<f64> = (0..w0.len())
+                .map(|r| (t_b(r) / (b_cpu0(r) + w0[r])).min(1.0))
+                .collect();
+            let mid = round2(median(&mut ceiling)); // sorts
+            v["ceiling_a_over_b"] = json!({
+                "median": mid,
+                "range": [round2(ceiling[0]), round2(ceiling[ceiling.len() - 1])],
+            });
+            eprintln!(
+                "  {}: ceiling for a/b over a bare {name} wire {mid}",
+                w.name
+            );
+        }
+        v
+    };
+    eprintln!("  {}: (a) beyond (b), CPU 0 µs/MiB {a_extra}", w.name);
+    json!({
+        "a_minus_b_cpu0_us_per_mib": a_extra,
+        "tcp": one(tcp, "TCP"),
+        "unix": one(unix, "Unix-socket"),
+    })
 }
 
 /// A replicated pair: the primary under `root`, the secondary under
