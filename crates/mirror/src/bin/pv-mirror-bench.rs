@@ -18,9 +18,8 @@
 //! `--pin-secondary` each round of a sequential workload also measures what
 //! a bare stream costs CPU 0, over TCP and over a Unix socket
 //! ([`bare_wire`]), and from it how high (a)/(b) could go on this machine
-//! at all ([`wire_ceiling`]). It also
-//! times resyncs of N dirty MiB on volumes of different sizes. Run it in
-//! release mode:
+//! at all ([`wire_ceiling`]). It also times resyncs of N dirty MiB on
+//! volumes of different sizes. Run it in release mode:
 //!
 //! ```text
 //! cargo run --release -p pairvisor-mirror --bin pv-mirror-bench -- --pin-secondary
@@ -533,8 +532,8 @@ enum Wire {
     /// TCP over loopback, as the replication link.
     Tcp,
     /// A Unix socket pair: the sender's cost is little more than copying
-    /// the bytes into the socket, about what a link costs a host whose NIC
-    /// does the TCP work.
+    /// the bytes into the socket, roughly what a link costs a host whose
+    /// NIC does the TCP work.
     Unix,
 }
 
@@ -585,8 +584,8 @@ fn bare_wire(seconds: f64, wire: Wire) -> anyhow::Result<Value> {
             sent += MIB;
         }
         let spent = before.since(CpuTicks::now());
+        // Returning drops `tx`, which ends the reader.
         Ok((sent, t.elapsed().as_secs_f64(), spent))
-        // Dropping `tx` ends the reader.
     });
     let (sent, secs, spent) = sender
         .join()
