@@ -305,8 +305,15 @@ async function main() {
 
     // ----------------------------------------------------- placement
     await page.selectOption('#vm-preferred', 'pm-a');
+    // The summary redraws on live events and every 10 s: a choice not yet
+    // saved must survive a redraw even when the selector lost focus.
+    const before = await page.$('#vm-preferred');
+    await before.evaluate((el) => el.blur());
+    await before.waitForElementState('hidden', { timeout: 30000 }); // detached by a redraw
+    assert(await page.$eval('#vm-preferred', (el) => el.value) === 'pm-a',
+      'a redraw keeps the preferred PM chosen but not saved yet');
     await page.click('#vm-preferred-save');
-    await page.waitForSelector('.placement >> text=Saved');
+    await page.waitForSelector(`.placement >> text=Saved: ${VM} prefers pm-a`);
     assert((await apiCall('GET', `/vms/${VM}`)).data.preferred_pm === 'pm-a', 'the preferred PM is set');
     await page.keyboard.press('g');
     await page.keyboard.press('v');

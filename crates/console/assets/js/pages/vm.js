@@ -113,15 +113,22 @@ function dl(rows) {
 }
 
 /**
- * The preferred-PM selector (SPEC L2): PUT /vms/{name}/placement. The
- * outcome is kept in `note` so that the summary's redraws keep showing it.
+ * The preferred-PM selector (SPEC L2): PUT /vms/{name}/placement. A choice
+ * not saved yet (`note.pending`) and the outcome (`note.node`) live in
+ * `note`, so that the summary's redraws — live events, the periodic
+ * refresh — neither undo the admin's choice nor hide the result.
  */
 function placement(vm, note) {
   const admin = can('administer');
   const names = store.pms.map((p) => p.name).sort();
-  const sel = h('select', { id: 'vm-preferred', 'aria-label': `Preferred PM of ${vm.name}`, disabled: !admin },
-    h('option', { value: '' }, 'none (automatic)'),
-    names.map((n) => h('option', { value: n, selected: vm.preferred_pm === n }, n)));
+  if (note.pending === (vm.preferred_pm || '')) note.pending = undefined;
+  const shown = note.pending ?? (vm.preferred_pm || '');
+  const sel = h('select', {
+    id: 'vm-preferred', 'aria-label': `Preferred PM of ${vm.name}`, disabled: !admin,
+    onchange: () => { note.pending = sel.value; },
+  },
+  h('option', { value: '', selected: shown === '' }, 'none (automatic)'),
+  names.map((n) => h('option', { value: n, selected: shown === n }, n)));
   const msg = h('span', { class: 'small', role: 'status' }, note.node);
   const show = (node) => {
     note.node = node;
@@ -138,6 +145,7 @@ function placement(vm, note) {
       const want = sel.value || null;
       try {
         await api('PUT', `/vms/${enc(vm.name)}/placement`, { preferred_pm: want });
+        note.pending = undefined;
         show(h('span', { class: 'health ok' }, want
           ? `Saved: ${vm.name} prefers ${want}${vm.host && vm.host !== want ? `; it moves there by live migration once ${want} runs and its volumes are in sync` : ''}.`
           : 'Saved: no preferred PM.'));
@@ -151,7 +159,7 @@ function placement(vm, note) {
 }
 
 function summary(panel, get) {
-  const note = { node: null };
+  const note = { node: null, pending: undefined };
   const draw = () => {
     const vm = get();
     // Keep a preferred PM being chosen (the view redraws on refresh).
