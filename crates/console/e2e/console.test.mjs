@@ -250,6 +250,30 @@ async function main() {
     log('shut down: stopped');
     await page.waitForSelector('#vnc-status:has-text("connects by itself")', { timeout: 15000 });
 
+    // ------------------------------------- volumes tab: attach a volume
+    // The volume chosen in the attach selector survives the tab's redraws
+    // (here the one after a detach): the one attached is the one chosen.
+    for (const n of ['spare-a', 'spare-b', 'spare-c']) {
+      const r = await apiCall(adminToken, 'POST', '/volumes', { name: n, size_bytes: 64 << 20 });
+      assert(r.status === 201, `create volume ${n}: ${JSON.stringify(r)}`);
+    }
+    assert((await apiCall(adminToken, 'POST', '/volumes/spare-c/attach', { vm: VM })).status === 200, 'attach spare-c');
+    await page.click('#tab-volumes');
+    await page.waitForSelector('#attach-vol');
+    const first = await page.$eval('#attach-vol', (el) => el.options[0].value);
+    const chosen = first === 'spare-b' ? 'spare-a' : 'spare-b';
+    await page.selectOption('#attach-vol', chosen);
+    const sel = await page.$('#attach-vol');
+    await sel.evaluate((el) => el.blur());
+    await page.click('#tabpanel tr:has-text("spare-c") button:has-text("Detach")');
+    await sel.waitForElementState('hidden', { timeout: 30000 }); // detached by the redraw
+    await page.waitForSelector('#attach-vol option[value=spare-c]', { state: 'attached' });
+    assert(await page.$eval('#attach-vol', (el) => el.value) === chosen, `a redraw keeps the volume chosen to attach (${chosen})`);
+    await page.click('#tabpanel button:has-text("Attach")');
+    await page.waitForSelector(`#tabpanel td:text-is("${chosen}")`);
+    assert((await apiCall(adminToken, 'GET', `/volumes/${chosen}`)).data.vm === VM, `${chosen} is attached to ${VM}`);
+    log(`volumes tab: ${chosen} chosen, kept through a redraw, attached`);
+
     // ------------------------------------------------------ VCD upload
     if (ISO) {
       await page.click('.sidebar a[data-nav=vcds]');

@@ -308,11 +308,16 @@ async function consoleTab(panel, get, ctx) {
 // ----------------------------------------------------------------- volumes
 
 async function volumes(panel, get, ctx, errors) {
+  // The volume chosen to attach but not attached yet: the tab redraws (a
+  // state change seen by a refresh, a detach), which must not switch the
+  // selector back to the first volume and attach another one.
+  const pick = { name: undefined };
   const draw = async () => {
     const vm = get();
     const [all] = await Promise.all([api('GET', '/volumes')]);
     const mine = all.filter((v) => v.vm === vm.name).sort((a, b) => Number(b.boot) - Number(a.boot));
     const unattached = all.filter((v) => v.vm === 'none');
+    if (!unattached.some((u) => u.name === pick.name)) pick.name = undefined;
     const adminReason = !can('administer') ? roleNeeded('administer') : vm.state !== 'stopped' ? `the VM must be stopped (it is ${vm.state})` : null;
     const act = async (fn) => {
       try {
@@ -348,10 +353,14 @@ async function volumes(panel, get, ctx, errors) {
       h('div', { class: 'inline' },
         unattached.length
           ? [h('label', { for: 'attach-vol' }, 'Attach an unattached volume: '),
-            h('select', { id: 'attach-vol' }, unattached.map((u) => h('option', { value: u.name }, `${u.name} (${fmtBytes(u.size_bytes)})`))),
+            h('select', { id: 'attach-vol', onchange: (e) => { pick.name = e.target.value; } },
+              unattached.map((u) => h('option', { value: u.name, selected: u.name === pick.name }, `${u.name} (${fmtBytes(u.size_bytes)})`))),
             h('button', {
               class: 'btn small', 'aria-disabled': adminReason ? 'true' : null, title: adminReason ? `Attach: ${adminReason}` : null,
-              onclick: () => (adminReason ? toast(`Attach: ${adminReason}`, 'warn') : act(() => api('POST', `/volumes/${enc(panel.querySelector('#attach-vol').value)}/attach`, { vm: vm.name }))),
+              onclick: () => (adminReason ? toast(`Attach: ${adminReason}`, 'warn') : act(async () => {
+                await api('POST', `/volumes/${enc(panel.querySelector('#attach-vol').value)}/attach`, { vm: vm.name });
+                pick.name = undefined;
+              })),
             }, 'Attach')]
           : h('p', { class: 'muted small' }, 'No unattached volume to attach. New volumes can be added with Config.')));
   };
