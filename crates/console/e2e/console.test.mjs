@@ -273,6 +273,18 @@ async function main() {
     await page.waitForSelector(`#tabpanel td:text-is("${chosen}")`);
     assert((await apiCall(adminToken, 'GET', `/volumes/${chosen}`)).data.vm === VM, `${chosen} is attached to ${VM}`);
     log(`volumes tab: ${chosen} chosen, kept through a redraw, attached`);
+    // The tab follows the VM's state without being reopened: while the VM
+    // runs, attaching and detaching are refused with the reason.
+    const started = await apiCall(adminToken, 'POST', `/vms/${VM}/start`);
+    assert(started.status < 300, `start ${VM}: ${JSON.stringify(started)}`);
+    await page.waitForSelector('#tabpanel button:has-text("Detach")[aria-disabled=true]', { timeout: 30000 });
+    assert((await page.getAttribute('#tabpanel button:has-text("Detach")', 'title')).includes('must be stopped'),
+      'the refusal says why');
+    const off = await apiCall(adminToken, 'POST', `/vms/${VM}/poweroff`);
+    assert(off.status < 300, `power off ${VM}: ${JSON.stringify(off)}`);
+    await page.waitForSelector('#vm-state [data-state=stopped]', { timeout: 60000 });
+    await page.waitForSelector('#tabpanel button:has-text("Detach"):not([aria-disabled])', { timeout: 30000 });
+    log('volumes tab: follows the VM started and powered off without reopening');
 
     // ------------------------------------------------------ VCD upload
     if (ISO) {

@@ -92,13 +92,17 @@ export async function render(main, ctx) {
 
   const tabRender = { summary, console: consoleTab, volumes, networks, cd, statistics, audit }[tab];
   const redrawTab = await tabRender(panel, () => vm, ctx, errors);
+  // The state this page last drew. Not `vm.state`: a live event patches
+  // the state into the very object `vm` refers to before emitting.
+  let drawnState = vm.state;
   ctx.on('vms', () => {
     const next = store.vms.find((v) => v.name === name);
     if (!next) {
       mount(header, h('h1', { tabindex: '-1' }, name), h('p', {}, 'This VM no longer exists (it was removed).'));
       return;
     }
-    const changed = next.state !== vm.state;
+    const changed = next.state !== drawnState;
+    drawnState = next.state;
     vm = next;
     drawHeader();
     if (changed) errors.clear();
