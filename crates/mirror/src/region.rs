@@ -52,6 +52,17 @@ pub fn region_span(idx: u64, region_size: u64, volume_size: u64) -> (u64, u64) {
     (start, end - start)
 }
 
+/// `[offset, offset+len)` cut into consecutive `(offset, len)` pieces of at
+/// most `max` bytes (`max` > 0), for ranges larger than one message may
+/// carry.
+pub fn pieces(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
+    let end = offset.saturating_add(len);
+    let max = max.max(1);
+    (offset..end)
+        .step_by(usize::try_from(max).unwrap_or(usize::MAX))
+        .map(move |at| (at, (end - at).min(max)))
+}
+
 /// True when `[offset, offset+len)` lies inside a volume of `size` bytes.
 pub fn in_bounds(offset: u64, len: u64, size: u64) -> bool {
     offset.checked_add(len).is_some_and(|end| end <= size)
@@ -193,6 +204,24 @@ impl Bits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pieces_cover_the_range_in_order() {
+        type Case = (u64, u64, u64, &'static [(u64, u64)]);
+        let cases: &[Case] = &[
+            (0, 10, 4, &[(0, 4), (4, 4), (8, 2)]),
+            (100, 8, 4, &[(100, 4), (104, 4)]),
+            (5, 3, 8, &[(5, 3)]),
+            (7, 0, 4, &[]),
+        ];
+        for &(off, len, max, want) in cases {
+            assert_eq!(
+                pieces(off, len, max).collect::<Vec<_>>(),
+                want,
+                "{off}+{len} by {max}"
+            );
+        }
+    }
 
     #[test]
     fn regions_for_table() {

@@ -1466,11 +1466,8 @@ impl Volume {
         }
         // Regions may be larger than a frame: send them in pieces, each
         // durable before the bit is cleared.
-        let mut at = off;
-        while at < off + len {
-            let n = (off + len - at).min(RESYNC_PIECE);
+        for (at, n) in region::pieces(off, len, RESYNC_PIECE) {
             self.resync_piece(&link, at, n).await.map_err(Some)?;
-            at += n;
         }
         let _ = self.replica.clear_dirty(idx);
         Ok(len)
@@ -1571,9 +1568,7 @@ impl Volume {
             // Hashed in pieces, both sides at once: a large region's hash
             // would otherwise outlast the link timeout.
             let mut same = true;
-            let mut at = off;
-            while same && at < off + len {
-                let n = (off + len - at).min(u64::from(MAX_VERIFY_LEN));
+            for (at, n) in region::pieces(off, len, u64::from(MAX_VERIFY_LEN)) {
                 let local = self.blocking(move |r| r.hash_range(at, n));
                 let remote = link.request(K_VERIFY, 0, at, n as u32, &[]);
                 let (local, remote) = tokio::join!(local, remote);
@@ -1584,8 +1579,10 @@ impl Volume {
                         "partner could not hash region {idx}"
                     )));
                 }
-                same = remote.payload[..] == local[..];
-                at += n;
+                if remote.payload[..] != local[..] {
+                    same = false;
+                    break;
+                }
             }
             report.regions_checked += 1;
             if !same {
@@ -1969,7 +1966,7 @@ impl Volume {
                 let (off, len) = (f.offset, u64::from(f.len));
                 if len == 0
                     || len > u64::from(MAX_VERIFY_LEN)
-                    || off.checked_add(len).is_none_or(|end| end > self.size)
+                    || !region::in_bounds(off, len, self.size)
                 {
                     return Err(IoError::new(EINVAL, "verify range outside the volume"));
                 }
