@@ -116,6 +116,14 @@ enum Endpoint {
 }
 
 impl Endpoint {
+    /// The Unix socket `sock` or TCP port `port` on loopback, as `link` says.
+    fn on(link: ClientLink, sock: &Path, port: u16) -> Endpoint {
+        match link {
+            ClientLink::Unix => Endpoint::Unix(sock.to_path_buf()),
+            ClientLink::Tcp => Endpoint::Tcp(format!("127.0.0.1:{port}")),
+        }
+    }
+
     async fn connect(&self) -> anyhow::Result<NbdClient> {
         Ok(match self {
             Endpoint::Tcp(a) => NbdClient::connect_tcp(a, "vol").await?,
@@ -207,10 +215,7 @@ struct MirrorNode {
 impl MirrorNode {
     /// The export the benchmark client uses (`--client`).
     fn endpoint(&self) -> Endpoint {
-        match client_link() {
-            ClientLink::Unix => Endpoint::Unix(self.nbd_sock.clone()),
-            ClientLink::Tcp => Endpoint::Tcp(format!("127.0.0.1:{}", self.nbd_port)),
-        }
+        Endpoint::on(client_link(), &self.nbd_sock, self.nbd_port)
     }
 }
 
@@ -439,6 +444,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
+}
+
+/// `{median, range}` of per-round values, to two decimals.
+fn median_range(mut v: Vec<f64>) -> Value {
+    let mid = round2(median(&mut v)); // sorts v
+    let range = [v.first(), v.last()].map(|x| round2(x.copied().unwrap_or(0.0)));
+    json!({ "median": mid, "range": range })
 }
 
 /// Busy and total time of CPU 0 and CPU 1 so far, in clock ticks, from
@@ -679,11 +691,8 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
                 }
             }
         }
-        let ratios = |x: usize, y: usize| {
-            let mut v: Vec<f64> = (0..rounds).map(|r| mbs[x][r] / mbs[y][r]).collect();
-            let mid = median(&mut v); // sorts v
-            (round2(mid), [round2(v[0]), round2(v[rounds - 1])])
-        };
+        let ratio =
+            |x: usize, y: usize| median_range((0..rounds).map(|r| mbs[x][r] / mbs[y][r]).collect());
         for i in 0..n {
             lat[i].sort_unstable();
             let mb = median(&mut mbs[i].clone());
@@ -700,28 +709,22 @@ async fn compare(targets: &[&Target], args: &Args) -> anyhow::Result<Comparison>
             eprintln!("  {} {}: {v}", ["a", "b", "c", "d"][i], w.name);
             out.targets[i].insert(w.name.into(), v);
         }
-        let (ab, ab_range) = ratios(0, 1);
-        let (bc, bc_range) = ratios(1, 2);
-        eprintln!("  {}: a/b {ab} {ab_range:?}, b/c {bc} {bc_range:?}", w.name);
-        let mut ab_json = json!({ "median": ab, "range": ab_range });
+        let (mut ab, bc) = (ratio(0, 1), ratio(1, 2));
+        eprintln!("  {}: a/b {ab}, b/c {bc}", w.name);
         if !wire.is_empty() {
             let b_cpu0 = |r: usize| cpu0[1][r];
             let t_b = |r: usize| MIB as f64 / mbs[1][r];
             let a_extra =
                 ticks[0].us_per_mib(mib_moved[0])[0] - ticks[1].us_per_mib(mib_moved[1])[0];
-            ab_json["bare_wire"] = wire_ceiling(w, &wire, &unix_wire, b_cpu0, t_b, a_extra);
+            ab["bare_wire"] = wire_ceiling(w, &wire, &unix_wire, b_cpu0, t_b, a_extra);
         }
-        out.ab.insert(w.name.into(), ab_json);
-        out.bc
-            .insert(w.name.into(), json!({ "median": bc, "range": bc_range }));
+        out.ab.insert(w.name.into(), ab);
+        out.bc.insert(w.name.into(), bc);
         if n > 3 {
-            let (dc, dc_range) = ratios(3, 2);
-            let (ad, ad_range) = ratios(0, 3);
-            eprintln!("  {}: d/c {dc} {dc_range:?}, a/d {ad} {ad_range:?}", w.name);
-            out.dc
-                .insert(w.name.into(), json!({ "median": dc, "range": dc_range }));
-            out.ad
-                .insert(w.name.into(), json!({ "median": ad, "range": ad_range }));
+            let (dc, ad) = (ratio(3, 2), ratio(0, 3));
+            eprintln!("  {}: d/c {dc}, a/d {ad}", w.name);
+            out.dc.insert(w.name.into(), dc);
+            out.ad.insert(w.name.into(), ad);
         }
     }
     Ok(out)
@@ -762,18 +765,16 @@ fn wire_ceiling(
             "mib_per_sec_rounds": speed,
         });
         if w.qd > 1 && !w0.is_empty() {
-            let mut ceiling: Vec<f64> = (0..w0.len())
-                .map(|r| (t_b(r) / (b_cpu0(r) + w0[r])).min(1.0))
-                .collect();
-            let mid = round2(median(&mut ceiling)); // sorts
-            v["ceiling_a_over_b"] = json!({
-                "median": mid,
-                "range": [round2(ceiling[0]), round2(ceiling[ceiling.len() - 1])],
-            });
+            let ceiling = median_range(
+                (0..w0.len())
+                    .map(|r| (t_b(r) / (b_cpu0(r) + w0[r])).min(1.0))
+                    .collect(),
+            );
             eprintln!(
-                "  {}: ceiling for a/b over a bare {name} wire {mid}",
+                "  {}: ceiling for a/b over a bare {name} wire {ceiling}",
                 w.name
             );
+            v["ceiling_a_over_b"] = ceiling;
         }
         v
     };
@@ -838,15 +839,10 @@ fn spawn_qemu_nbd(
     let sock = root.join("qemu-nbd.sock");
     let mut cmd = pinned("qemu-nbd", cpu);
     cmd.args(["-f", "raw", "-x", "vol"]);
-    let at = match link {
-        ClientLink::Unix => {
-            cmd.arg("-k").arg(&sock);
-            Endpoint::Unix(sock.clone())
-        }
-        ClientLink::Tcp => {
-            cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
-            Endpoint::Tcp(format!("127.0.0.1:{port}"))
-        }
+    let at = Endpoint::on(link, &sock, port);
+    match &at {
+        Endpoint::Unix(p) => cmd.arg("-k").arg(p),
+        Endpoint::Tcp(_) => cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]),
     };
     let child = cmd
         .arg(format!("--cache={cache}"))
@@ -929,15 +925,10 @@ fn qemu_mirror(root: &Path, partner_root: &Path, size: u64, cache: &str) -> anyh
     let qmp_path = root.join("qsd-qmp.sock");
     let sock = root.join("qsd-nbd.sock");
     let nbd_port = free_port()?;
-    let (addr, at) = match client_link() {
-        ClientLink::Unix => (
-            format!("addr.type=unix,addr.path={}", sock.display()),
-            Endpoint::Unix(sock.clone()),
-        ),
-        ClientLink::Tcp => (
-            format!("addr.type=inet,addr.host=127.0.0.1,addr.port={nbd_port}"),
-            Endpoint::Tcp(format!("127.0.0.1:{nbd_port}")),
-        ),
+    let at = Endpoint::on(client_link(), &sock, nbd_port);
+    let addr = match &at {
+        Endpoint::Unix(p) => format!("addr.type=unix,addr.path={}", p.display()),
+        Endpoint::Tcp(_) => format!("addr.type=inet,addr.host=127.0.0.1,addr.port={nbd_port}"),
     };
     let writethrough = if cache == "writethrough" { "on" } else { "off" };
     let child = pinned("qemu-storage-daemon", 0)
