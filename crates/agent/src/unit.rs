@@ -517,7 +517,6 @@ impl Agent {
             Ok::<_, AgentError>(t)
         })?;
         if !t.vms.is_empty() || !t.volumes.is_empty() {
-            self.record_pm_failure(partner);
             self.raise_alert(
                 "pm-failed",
                 &format!("pm/{partner}"),
@@ -535,9 +534,10 @@ impl Agent {
         Ok(t)
     }
 
-    /// U4: counts a failure of `pm`; 3 within an hour take it out of
-    /// service until Reset Device.
-    fn record_pm_failure(&self, pm: &str) {
+    /// U4: counts a failure of `pm` (the failover fenced it after it went
+    /// silent, whether or not it hosted anything then); 3 within an hour
+    /// take it out of service until Reset Device.
+    pub fn record_pm_failure(&self, pm: &str) {
         let threshold = pairvisor_model::mtbf::MtbfThreshold::PM_DEFAULT;
         let r = self.store().write(|tx| {
             let mut r = tx.get::<pairvisor_store::PmStateRecord>(pm)?.unwrap_or(

@@ -3,7 +3,8 @@
 //!
 //! 1. fences it through the unit database — a Raft commit, so it needs a
 //!    majority: with a witness the survivor and the witness suffice; a lone
-//!    PM without a witness cannot, and never takes over by itself;
+//!    PM without a witness cannot, and never takes over by itself — and,
+//!    unless the silence was planned, counts it as a PM failure (U4);
 //! 2. waits until the partner's lease has certainly expired: every voter
 //!    refuses the partner's lease requests from the moment it has applied
 //!    the fence, so the partner's last lease ends at most `lease_ms` after
@@ -89,6 +90,12 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
                     Ok(index) => {
                         warn!(partner = %partner.addrs.name, index, "partner fenced");
                         fence_seen = Some((partner.node_id, Instant::now()));
+                        // A failure (U4) even when it hosted nothing at that
+                        // moment, e.g. it died while a VM was migrating to
+                        // it and the VM stayed here.
+                        if !planned(&agent, &partner.addrs.name) {
+                            agent.record_pm_failure(&partner.addrs.name);
+                        }
                     }
                     Err(e) => warn!(partner = %partner.addrs.name, "cannot fence the partner: {e}"),
                 }
@@ -104,12 +111,7 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
         // The partner is fenced.
         let (_, seen) = *fence_seen.get_or_insert((partner.node_id, Instant::now()));
         let (vms, vols) = agent.hosted_by(&partner.addrs.name).unwrap_or((0, 0));
-        // A unit shutdown, or a partner shut down in maintenance, is not a
-        // failure: nothing to take over.
-        let planned = agent.unit_power().power != pairvisor_store::UnitPower::Running
-            || agent.pm_state(&partner.addrs.name)
-                == pairvisor_model::pm::PmState::OffInMaintenance;
-        if vms + vols > 0 && !planned {
+        if vms + vols > 0 && !planned(&agent, &partner.addrs.name) {
             let wait = Duration::from_millis(timing.lease_ms + timing.drift_margin_ms);
             if now < seen + wait || !lease.holds() {
                 continue;
@@ -141,6 +143,13 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
             }
         }
     }
+}
+
+/// A unit shutdown, or a partner shut down in maintenance, is not a
+/// failure: nothing to take over and nothing to count.
+fn planned(agent: &Agent, partner: &str) -> bool {
+    agent.unit_power().power != pairvisor_store::UnitPower::Running
+        || agent.pm_state(partner) == pairvisor_model::pm::PmState::OffInMaintenance
 }
 
 fn svc_name(svc: &UnitService) -> String {

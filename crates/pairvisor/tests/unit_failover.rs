@@ -607,6 +607,11 @@ fn without_witness_no_takeover_until_quorum_is_forced() {
     lab(dir.path(), &["down"]);
 }
 
+/// `Some` once `pm` reports pm-a out of service (U4).
+fn out_of_service(pm: &mut Pm) -> Option<()> {
+    (pm_state(pm, "pm-a")? == "powered off (too many failures)").then_some(())
+}
+
 fn pm_state(pm: &mut Pm, name: &str) -> Option<String> {
     pm.get("/pms")?
         .as_array()?
@@ -826,27 +831,63 @@ fn a_pm_failing_three_times_in_an_hour_is_out_of_service_until_reset() {
         .unwrap();
     assert_eq!(s, 200, "{v}");
     for failure in 1..=3 {
+        if failure == 3 {
+            // The third time pm-a hosts nothing when it dies: a failure all
+            // the same once pm-b has found it silent and fenced it.
+            let (s, v) = a
+                .call(
+                    "PUT",
+                    "/vms/demo/placement",
+                    Some(json!({"preferred_pm": null})),
+                )
+                .unwrap();
+            assert_eq!(s, 200, "{v}");
+            let (s, v) = a
+                .call("POST", "/vms/demo/migrate", Some(json!({})))
+                .unwrap();
+            assert_eq!(s, 200, "{v}");
+            let m = migration_done(&mut a, "demo", 120);
+            assert_eq!(m["phase"], "done", "{m:#}");
+            until("demo-boot primary on pm-b", 60, || {
+                b.get("/volumes/demo-boot")
+                    .filter(|v| v["primary"] == "pm-b")
+            });
+        }
         lab(dir.path(), &["kill", "pm-a"]);
         until("demo taken over by pm-b", 90, || {
             b.vm("demo")
                 .filter(|v| v["host"] == "pm-b" && v["pid"].is_number())
         });
+        if failure == 3 {
+            // Still down: only the fence can have counted it.
+            until("pm-a out of service while down", 60, || {
+                out_of_service(&mut b)
+            });
+        }
         lab(dir.path(), &["start", "pm-a"]);
         if failure < 3 {
-            // Back in service: the VM returns to its preferred PM.
+            // Back in service: the VM returns to its preferred PM, by a
+            // migration that must have finished before the next kill.
             until("demo back on pm-a", 180, || {
+                let done = a.get("/vms/demo/migration")?["phase"] == "done";
                 a.vm("demo").filter(|v| {
-                    v["host"] == "pm-a" && v["pid"].is_number() && v["state"] == "running"
+                    done && v["host"] == "pm-a" && v["pid"].is_number() && v["state"] == "running"
                 })
             });
         }
     }
-    until("pm-a out of service", 60, || {
-        (pm_state(&mut b, "pm-a")? == "powered off (too many failures)").then_some(())
-    });
+    until("pm-a out of service", 60, || out_of_service(&mut b));
     let alerts = b.get("/alerts").unwrap().to_string();
     assert!(alerts.contains("out of service"), "{alerts}");
-    // It stays out: the VM does not move back.
+    // It stays out: the VM does not move back, even to its preferred PM.
+    let (s, v) = b
+        .call(
+            "PUT",
+            "/vms/demo/placement",
+            Some(json!({"preferred_pm": "pm-a"})),
+        )
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(b.vm("demo").unwrap()["host"], "pm-b");
     // Reset Device (asked on pm-b): back in service, the VM returns.
