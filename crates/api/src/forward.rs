@@ -1,7 +1,9 @@
 //! "The API works on either PM": a request that acts on a VM hosted by the
 //! partner PM is forwarded there, with the caller's token (tokens live in
 //! the unit database, so the partner knows it). Reads of the VM record stay
-//! local (the unit database is replicated).
+//! local (the unit database is replicated). The host first catches up with
+//! the unit database as far as the forwarding PM had applied it, so that
+//! the request acts on what its caller saw.
 
 use crate::AppState;
 use axum::body::Body;
@@ -12,6 +14,13 @@ use pairvisor_store::{MigrationRecord, VmRecord};
 
 /// Marks a forwarded request, so that it is never forwarded twice.
 const FORWARDED: &str = "x-pairvisor-forwarded";
+/// The unit database log index the forwarding PM had applied: the host
+/// catches up to it before it acts, so that a forwarded request sees every
+/// change the caller saw (a setting just saved on the other PM, say).
+const APPLIED: &str = "x-pairvisor-applied";
+/// How long a host waits to catch up before it refuses a forwarded request
+/// (normally milliseconds; below the forwarder's 5 s timeout for reads).
+const CATCH_UP: std::time::Duration = std::time::Duration::from_secs(3);
 /// Largest body forwarded (VM operations carry small JSON bodies).
 const MAX_BODY: usize = 1 << 20;
 
@@ -60,7 +69,27 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
     let Some(unit) = st.unit.as_ref() else {
         return (req, None);
     };
-    if req.headers().contains_key(FORWARDED) {
+    if let Some(from) = req.headers().get(FORWARDED) {
+        let from = from.to_str().unwrap_or("the partner").to_string();
+        let index = req
+            .headers()
+            .get(APPLIED)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let (Some(index), Some(db)) = (index, unit.db().await) {
+            if db.wait_applied(index, CATCH_UP).await.is_err() {
+                let err = crate::error::ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "behind_partner",
+                    format!(
+                        "changes made on PM {from} (unit database index {index}) have not reached \
+                         this PM within {} s; nothing was done — retry, and check the link \
+                         between the PMs if it persists",
+                        CATCH_UP.as_secs()
+                    ),
+                );
+                return (req, Some(err.into_response()));
+            }
+        }
         return (req, None);
     }
     let path = req
@@ -152,9 +181,15 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
             FORWARDED,
             HeaderValue::from_str(&me).unwrap_or(HeaderValue::from_static("pm")),
         )
+        .header(APPLIED, db.applied_index())
         .body(body.to_vec());
     for (k, v) in &parts.headers {
-        if k == axum::http::header::HOST || k == axum::http::header::CONTENT_LENGTH {
+        // Ours alone: a caller cannot set what the host waits for.
+        if k == axum::http::header::HOST
+            || k == axum::http::header::CONTENT_LENGTH
+            || k == FORWARDED
+            || k == APPLIED
+        {
             continue;
         }
         rb = rb.header(k, v);

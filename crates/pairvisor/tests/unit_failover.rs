@@ -83,6 +83,17 @@ impl Pm {
 
     /// GET/POST; None when the PM does not answer.
     fn call(&mut self, method: &str, path: &str, body: Option<Value>) -> Option<(u16, Value)> {
+        self.call_with(method, path, body, &[])
+    }
+
+    /// [`Pm::call`] with extra request headers.
+    fn call_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        headers: &[(&str, &str)],
+    ) -> Option<(u16, Value)> {
         if self.token.is_none() {
             let r = self
                 .client()
@@ -100,6 +111,9 @@ impl Pm {
                 format!("{}/api/v1{path}", self.url),
             )
             .bearer_auth(self.token.as_deref().unwrap_or_default());
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
         if let Some(b) = body {
             rb = rb.json(&b);
         }
@@ -401,6 +415,29 @@ fn live_migration_hands_the_disk_over_and_explains_non_convergence() {
     let mut a = Pm::new(dir.path(), "pm-a");
     let mut b = Pm::new(dir.path(), "pm-b");
     let id = demo_running_redundant(&mut a);
+
+    // A request forwarded by the partner waits until this PM has applied
+    // what the partner had (here an index it never reaches: refused with
+    // the reason, nothing done); one it has reached is served.
+    let ahead = [
+        ("x-pairvisor-forwarded", "pm-b"),
+        ("x-pairvisor-applied", "1000000000"),
+    ];
+    let (s, v) = a.call_with("GET", "/vms", None, &ahead).unwrap();
+    assert_eq!(s, 503, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("have not reached this PM"),
+        "{v}"
+    );
+    let caught_up = [
+        ("x-pairvisor-forwarded", "pm-b"),
+        ("x-pairvisor-applied", "1"),
+    ];
+    let (s, v) = a.call_with("GET", "/vms", None, &caught_up).unwrap();
+    assert_eq!(s, 200, "{v}");
 
     // Acknowledged writes before the migration, and a writer that keeps
     // writing through it.

@@ -663,6 +663,16 @@ impl UnitDb {
         Ok(index)
     }
 
+    /// The last log index this node has applied (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        self.raft()
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0)
+    }
+
     /// Waits until this node has applied log index `index`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> Result<(), Error> {
         match self
