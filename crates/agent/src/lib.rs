@@ -15,6 +15,7 @@ mod alerts;
 mod error;
 mod migrate;
 mod paths;
+mod safety;
 mod storage;
 mod types;
 mod unit;
@@ -23,6 +24,7 @@ pub use alerts::Severity;
 pub use error::{AgentError, Result};
 pub use migrate::{MigrateRequest, MigrationEstimate, MigrationView, RemedyRequest};
 pub use paths::Paths;
+pub use safety::{LossReport, PromoteAnywayReport, PromoteAnywayRequest, TakeoverPlan};
 pub use types::*;
 pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink, UnitTls};
 
@@ -110,6 +112,10 @@ struct Inner {
     migrations: migrate::Migrations,
     /// Last redundancy verdict per VM (unit mode), to alert on changes.
     redundancy: StdMutex<HashMap<String, Option<String>>>,
+    /// Unit mode: this PM has passed a read barrier since it last held no
+    /// lease, so its records are current enough to promote replicas and
+    /// start VMs on (a fenced PM's return must not act on old records).
+    caught_up: std::sync::atomic::AtomicBool,
 }
 
 /// The agent of one PM. Cheap to clone.
@@ -171,6 +177,7 @@ impl Agent {
                 mirror_ops: Mutex::new(()),
                 migrations: Default::default(),
                 redundancy: Default::default(),
+                caught_up: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         agent.ensure_default_group()?;

@@ -528,6 +528,7 @@ impl Agent {
         })?;
         let started = tokio::time::Instant::now();
         let mut handed_over = false;
+        let mut refused: Option<String> = None;
         loop {
             let p = crate::bounded("query-migrate", q.query_migrate()).await?;
             let max_downtime = self
@@ -581,7 +582,17 @@ impl Agent {
                 v.remedies = remedies.clone();
             });
             match p.status {
-                MigrationStatus::PreSwitchover if !handed_over => {
+                MigrationStatus::PreSwitchover if !handed_over && refused.is_none() => {
+                    // The source guest is stopped: every volume must be in
+                    // sync with nothing held, or the destination's replica
+                    // may miss acknowledged writes (the link can die during
+                    // the migration). Otherwise cancel; the source resumes.
+                    if let Err(why) = self.handover_ready(&mrec.vm) {
+                        warn!(vm = %name, "cancelling the migration at switch-over: {why}");
+                        refused = Some(why);
+                        crate::bounded("migrate_cancel", q.migrate_cancel()).await?;
+                        continue;
+                    }
                     self.hand_over(&mrec).await?;
                     handed_over = true;
                     crate::bounded("migrate-continue", q.migrate_continue()).await?;
@@ -643,6 +654,11 @@ impl Agent {
                     // The source guest runs on (QEMU resumes it itself
                     // before the switch-over); make sure it does.
                     let _ = crate::bounded("cont", q.cont()).await;
+                    if let Some(r) = refused {
+                        return Err(AgentError::Conflict(format!(
+                            "migration cancelled at switch-over: {r}; the VM runs on here"
+                        )));
+                    }
                     return Err(AgentError::Conflict(format!("QEMU: {why}")));
                 }
                 _ => {}
@@ -657,6 +673,25 @@ impl Agent {
         }
     }
 
+    /// Whether every volume of `vm` may be handed over now: in sync with the
+    /// partner (the destination) and no write held.
+    fn handover_ready(&self, vm: &str) -> std::result::Result<(), String> {
+        let rec = self.load_vm(vm).map_err(|e| e.to_string())?;
+        for v in rec.volumes() {
+            let Some(m) = self.local_mirror(v) else {
+                return Err(format!("volume {v} has no replica open here"));
+            };
+            let st = m.vol.status();
+            if st.link != pairvisor_mirror::volume::LinkState::InSync || st.writes_held > 0 {
+                return Err(format!(
+                    "volume {v} is {} at switch-over, not in sync with the destination's replica",
+                    crate::unit::sync_word(&st)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The switch-over: the source guest is stopped and flushed; the host
     /// and every primary replica become the destination's, with new epochs,
     /// in one transaction, and the source replicas are demoted.
@@ -669,6 +704,18 @@ impl Agent {
                     kind: "VM",
                     name: mrec.vm.clone(),
                 });
+            }
+            // Checked in sync just before with the guest stopped: neither
+            // replica is behind.
+            if let Some(vm) = tx.get::<pairvisor_store::VmRecord>(&mrec.vm)? {
+                for n in vm.volumes() {
+                    if let Some(mut v) = tx.get::<pairvisor_store::VolumeRecord>(n)? {
+                        if let Some(m) = v.mirror.as_mut().filter(|m| m.outdated.is_some()) {
+                            m.outdated = None;
+                            tx.put(&v)?;
+                        }
+                    }
+                }
             }
             if let Some(mut m) = tx.get::<MigrationRecord>(&mrec.vm)? {
                 m.phase = MigrationPhase::Switchover;

@@ -407,3 +407,9 @@ pub struct PmView {
 pub(crate) fn warning_texts(w: &[Warning]) -> Vec<String> {
     w.iter().map(|w| w.to_string()).collect()
 }
+
+/// `secs` (since the Unix epoch) as an RFC 3339 UTC time, for messages.
+pub(crate) fn iso_time(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+        .to_string()
+}

@@ -66,6 +66,20 @@ pub trait UnitLink: Send + Sync {
     fn lease_remaining(&self) -> Option<std::time::Duration>;
     /// This PM's unit certificate for the migration stream.
     fn unit_tls(&self) -> UnitTls;
+    /// The unit database table and key whose presence means "this PM is
+    /// fenced" (a precondition of the outdate-peer commit).
+    fn fence_key(&self) -> (String, String);
+    /// Whether the partner is fenced and its lease has certainly expired
+    /// (lease + drift margin since the fence), so that nothing of it can
+    /// still run or write.
+    fn partner_fenced_long_enough(&self) -> bool;
+    /// A read barrier: returns once this PM has applied every change the
+    /// unit committed before the call.
+    fn read_barrier(
+        &self,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send + '_>,
+    >;
 }
 
 /// A PM whose lease has not been renewed for this long before its expiry
@@ -135,18 +149,57 @@ impl Agent {
         // when the lease runs out (200 ms: well within STOP_BEFORE_EXPIRY).
         self.every(200, |agent| async move { agent.enforce_lease().await });
         self.every(500, |agent| async move {
+            agent.catch_up().await;
             agent.reconcile_mirrors().await;
+            agent.clear_outdated_marks().await;
+            agent.stop_foreign_vms().await;
             agent.serve_incoming_migrations().await;
             agent.check_redundancy_alerts();
             let healthy = agent
                 .unit()
                 .and_then(|u| u.lease_remaining())
                 .is_some_and(|r| r > STOP_BEFORE_EXPIRY * 2);
-            if healthy && agent.may_start_vms_here() {
+            if healthy && agent.is_caught_up() && agent.may_start_vms_here() {
                 agent.ensure_running().await;
             }
         });
         self.recover().await;
+    }
+
+    /// Whether this PM may act on its records (promote, start VMs): outside
+    /// a unit always; in a unit once it passed a read barrier since it last
+    /// held no lease.
+    pub(crate) fn is_caught_up(&self) -> bool {
+        self.unit().is_none()
+            || self
+                .inner
+                .caught_up
+                .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// After (re)gaining the lease: a read barrier, so that a PM that was
+    /// fenced or partitioned acts only on the unit's current records (a
+    /// takeover it missed, a new epoch).
+    async fn catch_up(&self) {
+        let Some(u) = self.unit() else { return };
+        if !u.holds_lease() {
+            self.inner
+                .caught_up
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        if self.is_caught_up() {
+            return;
+        }
+        match u.read_barrier().await {
+            Ok(()) => {
+                info!("caught up with the unit database: replicas and VMs may start here");
+                self.inner
+                    .caught_up
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            Err(e) => warn!("cannot catch up with the unit database yet: {e}"),
+        }
     }
 
     /// Runs `f` every `ms` milliseconds for as long as the agent lives.
@@ -199,6 +252,8 @@ impl Agent {
             primary: u.pm_name(),
             epoch: 1,
             port,
+            outdated: None,
+            accept_loss: false,
         })
     }
 
@@ -271,10 +326,13 @@ impl Agent {
             };
             if m.primary == me {
                 if open.vol.role() != Role::Primary || open.vol.replica().meta().epoch != m.epoch {
+                    if !self.is_caught_up() {
+                        continue;
+                    }
                     let r = if open.vol.replica().meta().epoch == m.epoch {
                         open.vol.resume_primary(m.epoch)
                     } else {
-                        open.vol.promote(m.epoch, false).await
+                        open.vol.promote(m.epoch, m.accept_loss).await
                     };
                     match r {
                         Ok(()) => info!(volume = %v.name, epoch = m.epoch, "replica is primary"),
@@ -356,6 +414,17 @@ impl Agent {
         let unit = self.unit();
         vol.set_degraded_predicate(Arc::new(move || {
             unit.as_ref().is_some_and(|u| u.holds_lease())
+        }));
+        let weak = Arc::downgrade(&self.inner);
+        let name = v.name.clone();
+        vol.set_peer_outdater(Arc::new(move |epoch| {
+            let (weak, name) = (weak.clone(), name.clone());
+            Box::pin(async move {
+                let inner = weak.upgrade().ok_or("the agent is shutting down")?;
+                Agent { inner }
+                    .outdate_partner(&name, epoch)
+                    .map_err(|e| e.to_string())
+            })
         }));
         let mut tasks = Vec::new();
         let addr = format!("{}:{}", u.repl_host(), m.port);
@@ -496,18 +565,44 @@ impl Agent {
         let me = self
             .pm_name()
             .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
+        // Only what can be promoted without losing an acknowledged write;
+        // the outdated marks are checked again inside the transaction (they
+        // are its preconditions), the local replicas' state just before.
+        let plan = self.takeover_plan(partner)?;
+        let outdated_here = |tx: &mut pairvisor_store::Tx<'_>, vol: &str| {
+            tx.get::<VolumeRecord>(vol).map(|v| {
+                v.and_then(|v| v.mirror)
+                    .and_then(|m| m.outdated)
+                    .is_some_and(|o| o.pm == me)
+            })
+        };
         let t = self.store().write(|tx| {
             let mut t = Takeover::default();
-            for vm in tx.list::<VmRecord>()? {
-                if vm.host.as_deref() == Some(partner) {
-                    hand_vm_to(tx, &vm.name, &me)?;
-                    t.vms.push(vm.name.clone());
-                    t.volumes.extend(vm.volumes().cloned());
+            for name in &plan.vms {
+                let Some(vm) = tx.get::<VmRecord>(name)? else {
+                    continue;
+                };
+                if vm.host.as_deref() != Some(partner) {
+                    continue;
                 }
+                let mut marked = false;
+                for v in vm.volumes() {
+                    marked |= outdated_here(tx, v)?;
+                }
+                if marked {
+                    continue;
+                }
+                hand_vm_to(tx, &vm.name, &me)?;
+                t.vms.push(vm.name.clone());
+                t.volumes.extend(vm.volumes().cloned());
             }
-            // Volumes of no VM, or already handed over above.
-            for mut v in tx.list::<VolumeRecord>()? {
-                if let Some(m) = v.mirror.as_mut().filter(|m| m.primary == partner) {
+            for name in &plan.volumes {
+                let Some(mut v) = tx.get::<VolumeRecord>(name)? else {
+                    continue;
+                };
+                if let Some(m) = v.mirror.as_mut().filter(|m| {
+                    m.primary == partner && m.outdated.as_ref().is_none_or(|o| o.pm != me)
+                }) {
                     m.primary = me.clone();
                     m.epoch += 1;
                     t.volumes.push(v.name.clone());
@@ -697,7 +792,14 @@ impl Agent {
                 continue;
             };
             let st = open.vol.status();
-            let verdict = if !st.consistent {
+            let verdict = if let Some(o) = m.outdated.as_ref().filter(|o| o.pm == me) {
+                format!(
+                    "OUTDATED here: {} acknowledged writes without this replica after {}; \
+                     promoting it loses them",
+                    o.by,
+                    crate::types::iso_time(o.since)
+                )
+            } else if !st.consistent {
                 "INCOMPLETE here (a resync into this replica was interrupted): the partner holds \
                  the newest data; forcing quorum here would start from an inconsistent image"
                     .to_string()
@@ -942,6 +1044,7 @@ pub(crate) fn hand_vm_to(
             if let Some(m) = vol.mirror.as_mut().filter(|m| m.primary != to) {
                 m.primary = to.to_string();
                 m.epoch += 1;
+                m.accept_loss = false;
                 tx.put(&vol)?;
             }
         }

@@ -50,7 +50,12 @@ fn vm_of(method: &Method, path: &str) -> Option<String> {
     };
     // GET /vms/{name} goes to the host too (the guest's health is known
     // there), falling back to the local record when the host is down.
-    let _ = (sub, method);
+    let _ = method;
+    // Promote anyway acts where it is asked: that PM takes the VM over
+    // from its host, which is down.
+    if sub == Some("promote-anyway") {
+        return None;
+    }
     (!name.is_empty()).then(|| name.to_string())
 }
 
@@ -250,6 +255,7 @@ mod tests {
             Some("web".into())
         );
         assert_eq!(vm_of(&Method::GET, "/api/v1/vms"), None);
+        assert_eq!(vm_of(&Method::POST, "/api/v1/vms/web/promote-anyway"), None);
         assert_eq!(vm_of(&Method::GET, "/api/v1/volumes/x"), None);
         assert_eq!(pm_of("/api/v1/pms/pm-b/work-on"), Some("pm-b".into()));
         assert_eq!(pm_of("/api/v1/pms/pm-b/reset-device"), None);

@@ -412,6 +412,24 @@ pub async fn set_placement(
     ))
 }
 
+/// Promote anyway (SPEC U6): the administrator accepts that writes missing
+/// from this PM's replicas of the VM's volumes are lost, and the VM moves
+/// here from its fenced host. Refused unless `confirm` repeats the VM's
+/// name and the host is fenced with its lease certainly expired. Runs on
+/// the PM that receives it (never forwarded). The answer says what is lost.
+#[utoipa::path(post, path = "/api/v1/vms/{name}/promote-anyway", params(("name" = String, Path)),
+    request_body = pairvisor_agent::PromoteAnywayRequest,
+    responses((status = 200, body = pairvisor_agent::PromoteAnywayReport),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn promote_anyway(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Json(req): Json<pairvisor_agent::PromoteAnywayRequest>,
+) -> ApiResult<axum::Json<pairvisor_agent::PromoteAnywayReport>> {
+    service(&st)?;
+    Ok(axum::Json(st.agent.promote_anyway(&name, &req)?))
+}
+
 /// Reset Device (U4): a PM taken out of service after too many failures
 /// returns to service (its failure counter is cleared). Works from either PM.
 #[utoipa::path(post, path = "/api/v1/pms/{name}/reset-device", params(("name" = String, Path)),

@@ -301,6 +301,17 @@ pub enum VmCmd {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Restart the VM on the PM this CLI talks to although its replicas
+    /// there may be behind (U6): the writes missing there are lost. Only
+    /// while its host is fenced. Without --yes, shows what would be lost
+    /// (the volumes' replicas and the refusal) and changes nothing.
+    PromoteAnyway {
+        /// VM name.
+        name: String,
+        /// Accept the data loss.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Set (or clear with `none`) the VM's preferred PM (L2).
     Placement {
         /// VM name.
@@ -1033,6 +1044,28 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
                         }
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }
+                }
+            }
+            VmCmd::PromoteAnyway { name, yes } => {
+                if yes {
+                    out(
+                        "",
+                        c.call(M::POST, &format!("/vms/{name}/promote-anyway"), Some(json!({"confirm": name})))
+                            .await?,
+                    )
+                } else {
+                    let alerts = c.call(M::GET, "/alerts", None).await?;
+                    let subject = format!("vm/{name}");
+                    for a in alerts.as_array().into_iter().flatten() {
+                        if a["subject"] == subject.as_str() {
+                            eprintln!("{}: {}", s(&a["severity"]), s(&a["message"]));
+                        }
+                    }
+                    out("", c.call(M::GET, "/unit/force-quorum", None).await?);
+                    eprintln!(
+                        "nothing changed: repeat with --yes to restart {name} here and lose the writes \
+                         missing from this PM's replicas"
+                    );
                 }
             }
             VmCmd::Placement { name, preferred } => {

@@ -28,4 +28,6 @@ pub mod vectored;
 pub mod volume;
 
 pub use replica::{CreateOptions, Decision, Replica};
-pub use volume::{DegradedPredicate, Durability, Role, Status, Volume, VolumeOptions};
+pub use volume::{
+    DegradedPredicate, Durability, PeerOutdater, Role, Status, Volume, VolumeOptions,
+};

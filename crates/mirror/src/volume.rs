@@ -122,6 +122,18 @@ pub enum Durability {
 /// its partner (the unit layer's lease).
 pub type DegradedPredicate = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// Records, outside the mirror, that the partner's replica is outdated
+/// (DRBD's outdate-peer handler): called with the primary's epoch before the
+/// first write of a degraded period is acknowledged. The write waits until
+/// it returns `Ok`; while it fails, writes are held, never acknowledged. In
+/// a unit it is a Raft commit guarded by "this PM holds its lease and is not
+/// fenced", so a replica that may be behind is never promoted silently.
+pub type PeerOutdater = Arc<
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Tunables of a volume.
 #[derive(Clone)]
 pub struct VolumeOptions {
@@ -269,8 +281,11 @@ pub struct Status {
     pub link: LinkState,
     /// Primary acknowledging writes without its partner.
     pub degraded: bool,
-    /// Writes currently held because the lease does not allow degraded mode.
+    /// Writes currently held because the lease does not allow degraded mode
+    /// (or the partner could not be recorded as outdated yet).
     pub writes_held: u64,
+    /// The partner's replica is recorded as outdated (see [`PeerOutdater`]).
+    pub peer_outdated: bool,
     /// Dirty regions in the bitmap.
     pub dirty_regions: u64,
     /// Resync progress, while one runs.
@@ -333,6 +348,7 @@ struct Inner {
     incoming: Option<(u64, AbortHandle)>,
     next_incoming: u64,
     rotated: bool,
+    peer_outdated: bool,
     resync: Option<ResyncProgress>,
     writes_held: u64,
     last_verify: Option<VerifyReport>,
@@ -351,6 +367,7 @@ pub struct Volume {
     locks: Arc<RegionLocks>,
     stats: Stats,
     may_degrade: RwLock<DegradedPredicate>,
+    outdater: RwLock<Option<PeerOutdater>>,
     rotate_lock: tokio::sync::Mutex<()>,
     /// Secondary: every frame being applied holds it shared; a new primary
     /// connection takes it exclusively once before it applies anything, so
@@ -429,6 +446,7 @@ impl Volume {
                 incoming: None,
                 next_incoming: 0,
                 rotated: false,
+                peer_outdated: false,
                 resync: None,
                 writes_held: 0,
                 last_verify: None,
@@ -440,6 +458,7 @@ impl Volume {
             locks: Arc::new(RegionLocks::default()),
             stats: Stats::default(),
             may_degrade: RwLock::new(Arc::new(|| true)),
+            outdater: RwLock::new(None),
             rotate_lock: tokio::sync::Mutex::new(()),
             frame_gate: Arc::new(AsyncRwLock::new(())),
             size,
@@ -481,6 +500,34 @@ impl Volume {
     pub fn set_degraded_predicate(&self, p: DegradedPredicate) {
         *self.may_degrade.write().unwrap_or_else(|e| e.into_inner()) = p;
         self.changed.notify_waiters();
+    }
+
+    /// Installs the outdate-peer step (see [`PeerOutdater`]). Each degraded
+    /// period of each promotion records the partner as outdated afresh (a
+    /// repeated mark is harmless; a missed one would not be).
+    pub fn set_peer_outdater(&self, f: PeerOutdater) {
+        *self.outdater.write().unwrap_or_else(|e| e.into_inner()) = Some(f);
+        self.lock().peer_outdated = false;
+        self.changed.notify_waiters();
+    }
+
+    /// Clears the partner's outdated mark once the pair is in sync again:
+    /// runs `clear` (the commit that records the pair in sync) only while
+    /// the link is in sync, serialised with the outdate step, so that a
+    /// write acknowledged degraded after a new link loss always waits for a
+    /// fresh outdate commit ordered after this clear. Ok(false) when not in
+    /// sync now (nothing done).
+    pub async fn clear_peer_outdated<F>(&self, clear: F) -> Result<bool, String>
+    where
+        F: std::future::Future<Output = Result<(), String>>,
+    {
+        let _g = self.rotate_lock.lock().await;
+        if self.lock().link_state != LinkState::InSync {
+            return Ok(false);
+        }
+        clear.await?;
+        self.lock().peer_outdated = false;
+        Ok(true)
     }
 
     /// Wakes writes held for the lease so they re-evaluate the predicate.
@@ -830,7 +877,17 @@ impl Volume {
                 }
             }
             if self.may_degrade() {
-                break self.ensure_rotated().await;
+                match self.ensure_peer_outdated().await {
+                    Ok(()) => break self.ensure_rotated().await,
+                    Err(why) => {
+                        if !held {
+                            tracing::warn!(
+                                "writes held: the partner's replica cannot be recorded as \
+                                 outdated ({why})"
+                            );
+                        }
+                    }
+                }
             }
             if !held {
                 held = true;
@@ -842,6 +899,26 @@ impl Volume {
             self.lock().writes_held -= 1;
         }
         res
+    }
+
+    /// Records the partner's replica as outdated before the first degraded
+    /// acknowledgement (no-op without an outdater, e.g. a lone mirror).
+    async fn ensure_peer_outdated(&self) -> Result<(), String> {
+        let f = self
+            .outdater
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(f) = f else { return Ok(()) };
+        let _g = self.rotate_lock.lock().await;
+        if self.lock().peer_outdated {
+            return Ok(());
+        }
+        let epoch = self.replica.meta().epoch;
+        f(epoch).await?;
+        self.lock().peer_outdated = true;
+        tracing::warn!(epoch, "partner's replica recorded as outdated");
+        Ok(())
     }
 
     /// Starts a new generation before the first degraded acknowledgement.
@@ -985,6 +1062,7 @@ impl Volume {
         }
         st.role = Role::Primary;
         st.rotated = false;
+        st.peer_outdated = false;
         st.link_state = if st.partner.is_some() {
             LinkState::Connecting { last_error: None }
         } else {
@@ -1000,6 +1078,7 @@ impl Volume {
     pub fn demote(&self) {
         let mut st = self.lock();
         st.role = Role::Secondary;
+        st.peer_outdated = false;
         if let Some(c) = st.connector.take() {
             c.abort();
         }
@@ -1094,6 +1173,7 @@ impl Volume {
             degraded: st.role == Role::Primary
                 && !matches!(st.link_state, LinkState::InSync | LinkState::Resyncing),
             writes_held: st.writes_held,
+            peer_outdated: st.peer_outdated,
             dirty_regions: self.replica.dirty_count(),
             resync,
             stats: StatsSnapshot {
@@ -2418,5 +2498,68 @@ mod tests {
             .expect("range released")
             .unwrap();
         assert_eq!(v.read(0, 4096).await.unwrap(), vec![9u8; 4096]);
+    }
+
+    /// The partner is recorded as outdated before the first write
+    /// acknowledged without it; while that fails the write is held, never
+    /// acknowledged; once recorded, later writes of the same degraded
+    /// period do not record again, and a new promotion records afresh.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_write_is_acknowledged_degraded_before_the_partner_is_outdated() {
+        let d = tempfile::tempdir().unwrap();
+        let v = simplex(d.path());
+        let calls = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+        let allow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, a2) = (calls.clone(), allow.clone());
+        v.set_peer_outdater(Arc::new(move |epoch| {
+            c2.lock().unwrap().push(epoch);
+            let ok = a2.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("no quorum".to_string())
+                }
+            })
+        }));
+        v.promote(3, false).await.unwrap();
+        // A partner nobody answers on: the volume is degraded.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = l.local_addr().unwrap().to_string();
+        drop(l);
+        v.set_partner(Some(dead));
+        let w = {
+            let v = v.clone();
+            tokio::spawn(async move { v.write(0, vec![5u8; 4096], true).await })
+        };
+        assert!(
+            v.wait_for(Duration::from_secs(10), |s| s.writes_held == 1)
+                .await,
+            "the write is held while the outdate cannot be recorded"
+        );
+        assert!(!w.is_finished(), "not acknowledged");
+        assert!(!v.status().peer_outdated);
+        allow.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("acknowledged once the outdate is recorded")
+            .unwrap()
+            .unwrap();
+        assert!(v.status().peer_outdated);
+        let n = calls.lock().unwrap().len();
+        assert!(n >= 2, "tried until it was recorded: {n}");
+        assert!(calls.lock().unwrap().iter().all(|e| *e == 3), "the epoch");
+        v.write(8192, vec![6u8; 4096], true).await.unwrap();
+        v.flush().await.unwrap();
+        assert_eq!(calls.lock().unwrap().len(), n, "recorded once per period");
+        // Demoted and promoted again: the next degraded write records anew.
+        v.demote();
+        v.promote(4, false).await.unwrap();
+        v.write(0, vec![7u8; 4096], true).await.unwrap();
+        assert_eq!(calls.lock().unwrap().last(), Some(&4));
+        // Clearing is refused while not in sync.
+        let cleared = v.clear_peer_outdated(async { Ok(()) }).await.unwrap();
+        assert!(!cleared);
+        assert!(v.status().peer_outdated);
     }
 }

@@ -13,19 +13,27 @@
 //!    new epochs, replicas promoted here, VMs that were running started
 //!    here.
 //!
-//! When the fenced partner is heard again and hosts nothing any more, it is
-//! unfenced: it regains its lease, its replicas (now secondaries) resync
-//! from this PM, and it is a redundant partner again.
+//! Only what can be promoted without losing an acknowledged write is taken
+//! over ([`Agent::takeover_plan`]): a replica the partner outdated (it wrote
+//! without it), an incomplete one, or one created empty here is never
+//! promoted; such VMs stay down with a critical alert until the partner
+//! returns or the administrator promotes anyway.
+//!
+//! When the fenced partner is heard again and holds nothing this PM could
+//! take over, it is unfenced: it regains its lease, runs what it still
+//! hosts, its secondaries resync from this PM, and it is a redundant
+//! partner again.
+//!
+//! The decisions are [`pairvisor_model::fencing::failover`] (table-tested);
+//! this loop gathers what it needs and carries them out.
 
 use pairvisor_agent::Agent;
+use pairvisor_model::fencing::{failover, FailoverAction, FailoverView};
 use pairvisor_unit::{LeaseKeeper, UnitService};
 use pairvisor_unitdb::{Batch, Fence, UnitDb, FENCES_TABLE};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
-
-/// How long the partner must be heard again before it is unfenced.
-const HEARD_BEFORE_UNFENCE: Duration = Duration::from_secs(2);
+use tracing::{debug, info, warn};
 
 /// The failover loop of one PM (runs until aborted).
 pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<LeaseKeeper>) {
@@ -38,6 +46,8 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
     let mut lost_since: Option<Instant> = None;
     let mut heard_since: Option<Instant> = None;
     let mut health_since: Option<Instant> = None;
+    let mut last_wait = String::new();
+    let mut refused_shown: Vec<(String, String)> = Vec::new();
     loop {
         tick.tick().await;
         let Some(partner) = UnitService::pms_of(&db)
@@ -46,11 +56,6 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
         else {
             continue;
         };
-        if db.fenced(me) {
-            // This PM is fenced: its lease lapses and the agent stops its
-            // VMs; the partner unfences it once it has taken over.
-            continue;
-        }
         let now = Instant::now();
         let health = svc.health().await;
         if health.is_none() {
@@ -64,83 +69,100 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
         let lost = settled && health.is_some_and(|h| h.partner_lost);
         if lost {
             heard_since = None;
-            let since = *lost_since.get_or_insert(now);
-            if !db.fenced(partner.node_id) {
-                fence_seen = None;
-                if !lease.holds() {
-                    continue;
+            lost_since.get_or_insert(now);
+        } else {
+            lost_since = None;
+            if settled {
+                heard_since.get_or_insert(now);
+            }
+        }
+        let partner_fenced = db.fenced(partner.node_id);
+        if !partner_fenced {
+            fence_seen = None;
+        }
+        let ms = |since: Option<Instant>| since.map(|t| now.duration_since(t).as_millis() as u64);
+        let name = partner.addrs.name.clone();
+        let (my_vms, _) = agent.hosted_by(&svc_name(&svc)).unwrap_or((0, 0));
+        let (partner_vms, _) = agent.hosted_by(&name).unwrap_or((0, 0));
+        let plan = if partner_fenced {
+            agent.takeover_plan(&name).ok()
+        } else {
+            None
+        };
+        let view = FailoverView {
+            me_fenced: db.fenced(me),
+            holds_lease: lease.holds(),
+            partner_lost_ms: ms(lost_since),
+            partner_heard_ms: ms(heard_since),
+            partner_fenced_ms: partner_fenced.then(|| {
+                let (_, seen) = *fence_seen.get_or_insert((partner.node_id, now));
+                now.duration_since(seen).as_millis() as u64
+            }),
+            planned: planned(&agent, &name),
+            my_vms,
+            partner_vms,
+            partner_holds: plan.as_ref().map_or(0, |p| p.held),
+            partner_promotable: plan.as_ref().map_or(0, |p| p.promotable()),
+        };
+        let refused = plan.as_ref().map(|p| p.refused.clone()).unwrap_or_default();
+        if refused != refused_shown {
+            if let Some(p) = &plan {
+                agent.alert_stranded(&name, p);
+                agent.clear_stranded(p);
+            } else {
+                agent.clear_stranded(&Default::default());
+            }
+            refused_shown = refused;
+        }
+        match failover(view, timing) {
+            FailoverAction::Wait { reason } => {
+                if reason != last_wait {
+                    debug!(partner = %name, "failover: {reason}");
+                    last_wait = reason;
                 }
-                // Of two PMs that lost each other but both reach the
-                // witness, the one running VMs should win the fence race:
-                // the other gives it one more detection period.
-                let (my_vms, _) = agent.hosted_by(&svc_name(&svc)).unwrap_or((0, 0));
-                let (their_vms, _) = agent.hosted_by(&partner.addrs.name).unwrap_or((0, 0));
-                if my_vms == 0
-                    && their_vms > 0
-                    && now.duration_since(since) < Duration::from_millis(timing.detection_ms())
-                {
-                    continue;
-                }
+            }
+            FailoverAction::Fence { count_failure } => {
                 let reason = format!(
-                    "PM {} silent on every link; fenced by {}",
-                    partner.addrs.name,
+                    "PM {name} silent on every link; fenced by {}",
                     svc_name(&svc)
                 );
                 match fence_unless_fenced(&db, partner.node_id, &reason).await {
                     Ok(index) => {
-                        warn!(partner = %partner.addrs.name, index, "partner fenced");
+                        warn!(partner = %name, index, "partner fenced");
                         fence_seen = Some((partner.node_id, Instant::now()));
                         // A failure (U4) even when it hosted nothing at that
                         // moment, e.g. it died while a VM was migrating to
                         // it and the VM stayed here.
-                        if !planned(&agent, &partner.addrs.name) {
-                            agent.record_pm_failure(&partner.addrs.name);
+                        if count_failure {
+                            agent.record_pm_failure(&name);
                         }
                     }
-                    Err(e) => warn!(partner = %partner.addrs.name, "cannot fence the partner: {e}"),
+                    Err(e) => warn!(partner = %name, "cannot fence the partner: {e}"),
                 }
-                continue;
             }
-        } else {
-            lost_since = None;
-        }
-        if !db.fenced(partner.node_id) {
-            fence_seen = None;
-            continue;
-        }
-        // The partner is fenced.
-        let (_, seen) = *fence_seen.get_or_insert((partner.node_id, Instant::now()));
-        let (vms, vols) = agent.hosted_by(&partner.addrs.name).unwrap_or((0, 0));
-        if vms + vols > 0 && !planned(&agent, &partner.addrs.name) {
-            let wait = Duration::from_millis(timing.lease_ms + timing.drift_margin_ms);
-            if now < seen + wait || !lease.holds() {
-                continue;
-            }
-            match agent.take_over_from(&partner.addrs.name) {
+            FailoverAction::TakeOver => match agent.take_over_from(&name) {
                 Ok(t) => info!(
-                    partner = %partner.addrs.name,
+                    partner = %name,
                     vms = ?t.vms,
                     volumes = ?t.volumes,
                     "took over the fenced partner's VMs and volumes"
                 ),
                 Err(e) => warn!("takeover failed (will retry): {e}"),
+            },
+            FailoverAction::Refuse { reason } => {
+                if reason != last_wait {
+                    warn!(partner = %name, "failover refused: {reason}");
+                    last_wait = reason;
+                }
             }
-            continue;
-        }
-        if lost {
-            continue;
-        }
-        // Heard again and hosting nothing: let it back in.
-        let since = *heard_since.get_or_insert(now);
-        if now.duration_since(since) >= HEARD_BEFORE_UNFENCE {
-            match db.unfence(partner.node_id).await {
+            FailoverAction::Unfence => match db.unfence(partner.node_id).await {
                 Ok(_) => {
-                    info!(partner = %partner.addrs.name, "partner is back: unfenced");
+                    info!(partner = %name, "partner is back: unfenced");
                     fence_seen = None;
                     heard_since = None;
                 }
                 Err(e) => warn!("cannot unfence the partner: {e}"),
-            }
+            },
         }
     }
 }

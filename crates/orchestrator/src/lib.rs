@@ -45,6 +45,7 @@ fn host_of(addr: &str) -> String {
 /// The agent's view of the unit, backed by the unit database and the lease.
 pub struct PmLink {
     db: UnitDb,
+    timing: pairvisor_model::fencing::LeaseTiming,
     name: String,
     repl_host: String,
     secret: Vec<u8>,
@@ -90,6 +91,44 @@ impl UnitLink for PmLink {
             cert: p.cert,
             key: p.key,
         }
+    }
+
+    fn fence_key(&self) -> (String, String) {
+        (
+            pairvisor_unitdb::FENCES_TABLE.to_string(),
+            self.db.node_id().to_string(),
+        )
+    }
+
+    fn partner_fenced_long_enough(&self) -> bool {
+        let Some(partner) = UnitService::pms_of(&self.db)
+            .into_iter()
+            .find(|p| p.node_id != self.db.node_id())
+        else {
+            return false;
+        };
+        // The fence's time is the fencing PM's wall clock; the wait is
+        // lease + drift margin, as in the failover.
+        let Ok(Some(f)) = self.db.fence_of(partner.node_id) else {
+            return false;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        now >= f.at_ms + self.timing.worst_case_takeover_ms()
+    }
+
+    fn read_barrier(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            self.db
+                .linearizable()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -158,6 +197,7 @@ pub async fn join_agent(
     .await;
     let link = Arc::new(PmLink {
         db: db.clone(),
+        timing,
         name: pm.name.clone(),
         repl_host: host_of(&pm.private_hb),
         secret: secret.into_bytes(),

@@ -324,6 +324,17 @@ impl Tx<'_> {
         }
     }
 
+    /// Whether a raw key exists in a table of the unit database that holds
+    /// no store records (e.g. its fences). In a unit transaction the read
+    /// becomes a precondition like any other, so "absent" holds at commit;
+    /// on a single PM such tables do not exist and the answer is false.
+    pub fn exists_raw(&mut self, table: &str, key: &str) -> Result<bool, StoreError> {
+        match &mut self.inner {
+            TxInner::Local(_) => Ok(false),
+            TxInner::Unit(u) => Ok(u.get_value(table, key)?.is_some()),
+        }
+    }
+
     /// All records of a kind, ordered by key.
     pub fn list<T: Record>(&mut self) -> Result<Vec<T>, StoreError> {
         match &mut self.inner {

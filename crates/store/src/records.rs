@@ -155,6 +155,33 @@ pub struct MirrorRecord {
     pub epoch: u64,
     /// TCP port on which each PM's replica accepts replication.
     pub port: u16,
+    /// The other PM's replica is outdated: the primary acknowledged writes
+    /// without it (ARCHITECTURE "Fencing": outdate the peer before
+    /// degrading). Such a replica is never promoted without an
+    /// administrator's explicit "accept data loss". Cleared in the
+    /// transaction that records the pair in sync again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outdated: Option<Outdated>,
+    /// The administrator accepted data loss for this volume (promote
+    /// anyway): its replica on `primary` is promoted even if a resync into
+    /// it was interrupted. Cleared at the next hand-over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub accept_loss: bool,
+}
+
+/// Why and since when a PM's replica of a volume may be behind (see
+/// [`MirrorRecord::outdated`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outdated {
+    /// The PM whose replica is behind.
+    pub pm: String,
+    /// The primary that wrote without it.
+    pub by: String,
+    /// The primary's epoch at the time.
+    pub epoch: u64,
+    /// When the primary last knew the pair in sync (seconds since the
+    /// epoch): writes after it are missing on `pm`.
+    pub since: u64,
 }
 
 impl Record for VolumeRecord {
