@@ -4,16 +4,32 @@
 //! Each side sends an authenticated UDP ping on each link every
 //! `heartbeat_ms`; the partner answers with an echo carrying the sender's own
 //! send time, so the round trip is measured on one clock. A link is up while
-//! something valid was heard on it within the detection time
-//! (`missed_heartbeats × heartbeat_ms`); the partner is lost when every link
-//! is down.
+//! the partner echoed, on that link, one of our pings sent within the
+//! detection time (`missed_heartbeats × heartbeat_ms`); the partner is lost
+//! when every link is down.
 //!
 //! UDP and an HMAC over a shared unit secret (like corosync's authkey) keep
-//! heartbeats cheap and independent of TCP back-off; a forged or replayed
-//! datagram is dropped. Faults (drop, delay) can be injected per link in our
-//! own code, for tests and `pairvisor lab cut` where no network namespace is
-//! available.
+//! heartbeats cheap and independent of TCP back-off. Only datagrams from the
+//! expected partner node are considered ([`HealthConfig::partner_node_id`]).
+//!
+//! Liveness comes only from echoes of our own pings, never from the
+//! partner's pings: an echo carries our session (random per start) and our
+//! own send time, so its age is measured exactly on our clock, whatever the
+//! partner's clock says; it must also carry a sequence number above the
+//! highest echoed so far. A replayed echo is therefore either from an older
+//! session of ours (after our restart), or repeats a sequence number, or is
+//! older than the detection time. The partner's pings prove nothing about
+//! when they were sent (their time is on the partner's clock, and our record
+//! of its sequence numbers is empty after our restart), so a datagram
+//! captured earlier and replayed could keep a dead partner "alive"; they are
+//! only answered, so that the partner can measure us.
+//!
+//! Times are on the boot clock ([`BootInstant`]), which keeps counting while
+//! the system is suspended. Faults (drop, delay) can be injected per link in
+//! our own code, for tests and `pairvisor lab cut` where no network
+//! namespace is available.
 
+use crate::clock::BootInstant;
 use hmac::{Hmac, Mac};
 use pairvisor_model::fencing::LeaseTiming;
 use pairvisor_model::power::rtt_warning;
@@ -27,12 +43,13 @@ use thiserror::Error;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 const MAGIC: &[u8; 4] = b"PVHB";
 const VERSION: u8 = 1;
-const KIND_PING: u8 = 1;
-const KIND_ECHO: u8 = 2;
+/// [`Datagram::kind`] of a ping.
+pub const KIND_PING: u8 = 1;
+/// [`Datagram::kind`] of an echo (a ping sent back by the partner).
+pub const KIND_ECHO: u8 = 2;
 /// magic, version, kind, node, session, seq, sent_ns, link.
 const BODY_LEN: usize = 4 + 1 + 1 + 8 + 8 + 8 + 8 + 1;
 const MAC_LEN: usize = 32;
@@ -55,6 +72,10 @@ pub struct LinkConfig {
 pub struct HealthConfig {
     /// This PM's node id.
     pub node_id: u64,
+    /// The partner PM's node id: only datagrams carrying it are answered or
+    /// counted. `None` (partner not known yet, or equal to `node_id`):
+    /// nothing is accepted and the partner stays lost.
+    pub partner_node_id: Option<u64>,
     /// The unit secret (authenticates heartbeats).
     pub secret: Vec<u8>,
     /// The links.
@@ -77,9 +98,10 @@ pub struct Faults {
 pub struct LinkStatus {
     /// Link name.
     pub name: String,
-    /// Heard from the partner within the detection time.
+    /// The partner echoed a ping of ours sent within the detection time.
     pub up: bool,
-    /// Milliseconds since the partner was last heard on this link.
+    /// Milliseconds since the partner was last heard on this link: since
+    /// the newest of our pings it echoed was sent.
     pub last_heard_ms: Option<u64>,
     /// Smoothed round-trip time, ms.
     pub rtt_ms: Option<f64>,
@@ -124,15 +146,59 @@ pub enum HealthError {
 
 struct LinkState {
     faults: Faults,
-    last_heard: Option<Instant>,
+    /// When the newest of our pings that the partner echoed was sent.
+    last_heard: Option<BootInstant>,
     rtt_ms: Option<f64>,
-    /// Highest ping sequence seen per partner session (replay protection).
+    /// Highest ping sequence answered per partner session (so that a replay
+    /// is not answered again; liveness does not depend on it).
     seen: HashMap<u64, u64>,
+    /// Highest sequence number of our own pings echoed in our session.
+    echoed: u64,
+}
+
+impl LinkState {
+    /// Accepts an echo of one of our pings if it is fresh: our `session`,
+    /// a sequence number above every one echoed before, and sent (on our
+    /// clock) less than `detection_ns` before `now_ns`. Returns its round
+    /// trip in ns.
+    fn accept_echo(
+        &mut self,
+        d: &Datagram,
+        session: u64,
+        now_ns: u64,
+        detection_ns: u64,
+    ) -> Option<u64> {
+        if d.kind != KIND_ECHO || d.session != session || d.seq <= self.echoed {
+            return None;
+        }
+        // Not from the future, and not too old to prove anything.
+        let age = now_ns.checked_sub(d.sent_ns)?;
+        if age >= detection_ns {
+            return None;
+        }
+        self.echoed = d.seq;
+        Some(age)
+    }
+
+    /// Answers a ping only once per sequence number of a partner session.
+    fn fresh_ping(&mut self, d: &Datagram) -> bool {
+        if self.seen.len() > 64 && !self.seen.contains_key(&d.session) {
+            // Sessions of the partner's earlier starts: forget them.
+            self.seen.clear();
+        }
+        let last = self.seen.entry(d.session).or_insert(0);
+        let fresh = d.seq > *last;
+        if fresh {
+            *last = d.seq;
+        }
+        fresh
+    }
 }
 
 struct Shared {
     cfg: HealthConfig,
-    epoch: Instant,
+    /// The zero of `sent_ns` in our pings.
+    epoch: BootInstant,
     session: u64,
     links: Mutex<Vec<LinkState>>,
     status: watch::Sender<HealthStatus>,
@@ -252,6 +318,7 @@ impl Health {
                 last_heard: None,
                 rtt_ms: None,
                 seen: HashMap::new(),
+                echoed: 0,
             })
             .collect();
         let (status, _) = watch::channel(HealthStatus {
@@ -261,7 +328,7 @@ impl Health {
         });
         let shared = Arc::new(Shared {
             cfg,
-            epoch: Instant::now(),
+            epoch: BootInstant::now(),
             session: rand::random(),
             links: Mutex::new(links),
             status,
@@ -375,24 +442,20 @@ impl Shared {
             let Some(d) = decode(&self.cfg.secret, &buf[..n]) else {
                 continue;
             };
-            if d.node == self.cfg.node_id || d.link as usize != i {
-                continue; // our own datagram reflected, or cross-wired links
+            // Only the expected partner (this also drops our own datagrams
+            // reflected back), and not from cross-wired links.
+            let partner = self.cfg.partner_node_id.filter(|p| *p != self.cfg.node_id);
+            if Some(d.node) != partner || d.link as usize != i {
+                continue;
             }
-            let now = Instant::now();
             match d.kind {
                 KIND_PING => {
+                    // Answered so the partner can measure us, but not
+                    // counted as hearing it (see the module documentation).
                     let fresh = self
                         .links
                         .lock()
-                        .map(|mut l| {
-                            let last = l[i].seen.entry(d.session).or_insert(0);
-                            let fresh = d.seq > *last;
-                            if fresh {
-                                *last = d.seq;
-                                l[i].last_heard = Some(now);
-                            }
-                            fresh
-                        })
+                        .map(|mut l| l[i].fresh_ping(&d))
                         .unwrap_or(false);
                     if fresh {
                         let echo = Datagram {
@@ -404,15 +467,19 @@ impl Shared {
                     }
                 }
                 _ => {
-                    // Echo of our own ping: only our session's, and not from
-                    // the future.
+                    // Echo of our own ping: the only proof of life.
                     let now_ns = self.now_ns();
-                    if d.session != self.session || d.sent_ns > now_ns {
-                        continue;
-                    }
-                    let rtt = (now_ns - d.sent_ns) as f64 / 1e6;
+                    let detection_ns = self.cfg.timing.detection_ms().saturating_mul(1_000_000);
                     if let Ok(mut l) = self.links.lock() {
-                        l[i].last_heard = Some(now);
+                        let Some(rtt_ns) = l[i].accept_echo(&d, self.session, now_ns, detection_ns)
+                        else {
+                            continue;
+                        };
+                        let rtt = rtt_ns as f64 / 1e6;
+                        // Heard as of when that ping left: the partner
+                        // answered after that.
+                        let sent = self.epoch + Duration::from_nanos(d.sent_ns);
+                        l[i].last_heard = l[i].last_heard.max(Some(sent));
                         l[i].rtt_ms = Some(match l[i].rtt_ms {
                             Some(prev) => prev * 0.7 + rtt * 0.3,
                             None => rtt,
@@ -425,12 +492,12 @@ impl Shared {
 
     fn compute_status(&self) -> HealthStatus {
         let detection = Duration::from_millis(self.cfg.timing.detection_ms());
-        let now = Instant::now();
+        let now = BootInstant::now();
         let links = self.links.lock().map(|l| {
             l.iter()
                 .zip(&self.cfg.links)
                 .map(|(s, c)| {
-                    let last = s.last_heard.map(|t| now.duration_since(t));
+                    let last = s.last_heard.map(|t| now.saturating_duration_since(t));
                     let up = last.is_some_and(|d| d < detection);
                     LinkStatus {
                         name: c.name.clone(),
@@ -485,5 +552,79 @@ mod tests {
         }
         assert_eq!(decode(key, &b[..DATAGRAM_LEN - 1]), None, "short");
         assert_eq!(decode(key, &[]), None);
+    }
+
+    #[test]
+    fn only_fresh_echoes_of_our_session_count() {
+        let mut l = LinkState {
+            faults: Faults::default(),
+            last_heard: None,
+            rtt_ms: None,
+            seen: HashMap::new(),
+            echoed: 0,
+        };
+        let detection = 200_000_000;
+        let echo = |seq, sent_ns| Datagram {
+            kind: KIND_ECHO,
+            link: 0,
+            node: 2,
+            session: 42,
+            seq,
+            sent_ns,
+        };
+        let now = 1_000_000_000;
+        assert_eq!(
+            l.accept_echo(&echo(1, now - 3_000_000), 42, now, detection),
+            Some(3_000_000)
+        );
+        // The same echo again, or an earlier one: a replay.
+        assert_eq!(
+            l.accept_echo(&echo(1, now - 3_000_000), 42, now, detection),
+            None
+        );
+        // Another session (ours before a restart).
+        assert_eq!(l.accept_echo(&echo(5, now - 1), 41, now, detection), None);
+        // Sent longer ago than the detection time.
+        assert_eq!(
+            l.accept_echo(&echo(6, now - detection), 42, now, detection),
+            None
+        );
+        // From the future.
+        assert_eq!(l.accept_echo(&echo(7, now + 1), 42, now, detection), None);
+        // A ping is not an echo.
+        let ping = Datagram {
+            kind: KIND_PING,
+            ..echo(8, now - 1)
+        };
+        assert_eq!(l.accept_echo(&ping, 42, now, detection), None);
+        assert_eq!(
+            l.accept_echo(&echo(9, now - 1), 42, now, detection),
+            Some(1)
+        );
+        assert_eq!(l.accept_echo(&echo(8, now - 1), 42, now, detection), None);
+    }
+
+    #[test]
+    fn a_ping_is_answered_once_per_sequence_number() {
+        let mut l = LinkState {
+            faults: Faults::default(),
+            last_heard: None,
+            rtt_ms: None,
+            seen: HashMap::new(),
+            echoed: 0,
+        };
+        let ping = |session, seq| Datagram {
+            kind: KIND_PING,
+            link: 0,
+            node: 2,
+            session,
+            seq,
+            sent_ns: 0,
+        };
+        assert!(l.fresh_ping(&ping(1, 1)));
+        assert!(!l.fresh_ping(&ping(1, 1)));
+        assert!(l.fresh_ping(&ping(1, 2)));
+        assert!(l.fresh_ping(&ping(2, 1)));
+        assert!(!l.fresh_ping(&ping(1, 2)));
     }
 }

@@ -5,24 +5,35 @@
 //! Every `heartbeat_ms` the keeper sends a round of lease requests to every
 //! voter of the current membership, concurrently, each bounded by a timeout
 //! shorter than the interval. When a majority grants a round sent at local
-//! monotonic time `t_sent`, the lease runs until `t_sent + lease_ms`; it
-//! never moves backwards. Counting from the send time keeps the holder
+//! time `t_sent`, the lease runs until `t_sent + lease_ms`; it never moves
+//! backwards. Counting from the send time keeps the holder
 //! conservative whatever the network delays: every grant of that round was
 //! given after `t_sent`.
 //!
-//! [`LeaseKeeper::holds`] compares an atomic deadline with the monotonic
-//! clock, so it is cheap enough for a synchronous predicate on the I/O path;
-//! it does not depend on the keeper's task running. The watch channel
+//! [`LeaseKeeper::holds`] compares an atomic deadline with the clock, so it
+//! is cheap enough for a synchronous predicate on the I/O path; it does not
+//! depend on the keeper's task running. The watch channel
 //! ([`LeaseKeeper::watch`]) flips to `false` at expiry from a timer, whether
 //! or not any answer arrives.
+//!
+//! Every instant here is a [`BootInstant`] (`CLOCK_BOOTTIME`), not
+//! [`std::time::Instant`] (`CLOCK_MONOTONIC`): the monotonic clock stops
+//! while the system is suspended, so a PM suspended with a lease and resumed
+//! would still believe it held that lease, while the voters' clocks (and the
+//! survivor's `takeover_at`) ran on. The boot clock counts the suspended
+//! time, so `holds()` is false the moment the PM resumes. Timers (Tokio,
+//! monotonic) are only used to wake up; a late timer after a resume cannot
+//! make a check wrong, and the watch is also corrected on the next renewal
+//! tick.
 
+use crate::clock::BootInstant;
 use pairvisor_model::fencing::{majority, LeaseTiming};
 use pairvisor_unitdb::{LeaseAnswer, LeaseRefusal, NodeId, UnitDb, WriteError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::MissedTickBehavior;
@@ -76,14 +87,13 @@ pub struct LeaseStatus {
 #[derive(Debug, Clone)]
 struct VoterEntry {
     last: VoterAnswer,
-    at: Option<Instant>,
+    at: Option<BootInstant>,
 }
 
 /// State shared by the keeper's task and its readers.
 struct Shared {
-    /// The zero of `deadline_us`.
-    origin: Instant,
-    /// End of the lease in microseconds after `origin` (0: none). Only grows.
+    /// End of the lease in microseconds since boot ([`BootInstant`]; 0:
+    /// none). Only grows.
     deadline_us: AtomicU64,
     timing: LeaseTiming,
     tx: watch::Sender<bool>,
@@ -93,34 +103,37 @@ struct Shared {
 
 impl Shared {
     fn now_us(&self) -> u64 {
-        self.origin.elapsed().as_micros() as u64
+        BootInstant::now().since_boot().as_micros() as u64
+    }
+
+    fn at(us: u64) -> BootInstant {
+        BootInstant::from_since_boot(Duration::from_micros(us))
     }
 
     fn holds(&self) -> bool {
         self.now_us() < self.deadline_us.load(Ordering::Acquire)
     }
 
-    fn expires_at(&self) -> Option<Instant> {
+    fn expires_at(&self) -> Option<BootInstant> {
         let d = self.deadline_us.load(Ordering::Acquire);
-        (self.now_us() < d).then(|| self.origin + Duration::from_micros(d))
+        (self.now_us() < d).then(|| Self::at(d))
     }
 
-    fn deadline(&self) -> Option<Instant> {
+    fn deadline(&self) -> Option<BootInstant> {
         let d = self.deadline_us.load(Ordering::Acquire);
-        (d > 0).then(|| self.origin + Duration::from_micros(d))
+        (d > 0).then(|| Self::at(d))
     }
 
     fn expires_in(&self) -> Option<Duration> {
         self.expires_at()
-            .map(|at| at.saturating_duration_since(Instant::now()))
+            .map(|at| at.saturating_duration_since(BootInstant::now()))
     }
 
     /// Extends the lease to `sent + lease_ms` (never shortens it).
-    fn extend_from(&self, sent: Instant) {
-        let end = sent.saturating_duration_since(self.origin)
-            + Duration::from_millis(self.timing.lease_ms);
+    fn extend_from(&self, sent: BootInstant) {
+        let end = sent + Duration::from_millis(self.timing.lease_ms);
         self.deadline_us
-            .fetch_max(end.as_micros() as u64, Ordering::AcqRel);
+            .fetch_max(end.since_boot().as_micros() as u64, Ordering::AcqRel);
     }
 
     /// Makes the watch channel agree with [`Shared::holds`].
@@ -147,8 +160,8 @@ pub struct LeaseCheck {
 }
 
 impl LeaseCheck {
-    /// Whether the lease is valid now (an atomic load and a monotonic clock
-    /// read).
+    /// Whether the lease is valid now (an atomic load and a
+    /// `CLOCK_BOOTTIME` read).
     pub fn holds(&self) -> bool {
         self.shared.holds()
     }
@@ -177,7 +190,7 @@ impl Drop for LeaseKeeper {
 }
 
 struct Round {
-    sent: Instant,
+    sent: BootInstant,
     need: usize,
     granted: usize,
     pending: usize,
@@ -190,7 +203,6 @@ impl LeaseKeeper {
     pub fn start(db: UnitDb, timing: LeaseTiming) -> LeaseKeeper {
         let (tx, _) = watch::channel(false);
         let shared = Arc::new(Shared {
-            origin: Instant::now(),
             deadline_us: AtomicU64::new(0),
             timing,
             tx,
@@ -207,7 +219,7 @@ impl LeaseKeeper {
     }
 
     /// Whether this PM holds a valid lease now. Cheap (an atomic load and a
-    /// monotonic clock read), safe to call from synchronous code.
+    /// `CLOCK_BOOTTIME` read), safe to call from synchronous code.
     pub fn holds(&self) -> bool {
         self.shared.holds()
     }
@@ -217,15 +229,14 @@ impl LeaseKeeper {
         self.shared.expires_in()
     }
 
-    /// The instant the lease ends (this process's monotonic clock), when
-    /// valid.
-    pub fn expires_at(&self) -> Option<Instant> {
+    /// The instant the lease ends (this machine's boot clock), when valid.
+    pub fn expires_at(&self) -> Option<BootInstant> {
         self.shared.expires_at()
     }
 
     /// The end of the last lease this keeper obtained, past or future
     /// (`None` before the first one and after [`LeaseKeeper::shutdown`]).
-    pub fn deadline(&self) -> Option<Instant> {
+    pub fn deadline(&self) -> Option<BootInstant> {
         self.shared.deadline()
     }
 
@@ -292,7 +303,7 @@ async fn run(db: UnitDb, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
         // While the watch says "held", wake at the lease's end (at once if
         // it already ended).
         let published = *shared.tx.borrow();
-        let expiry = published.then(|| shared.expires_at().unwrap_or_else(Instant::now));
+        let expiry = published.then(|| shared.expires_at().unwrap_or_else(BootInstant::now));
         tokio::select! {
             biased;
             _ = stop.changed() => break,
@@ -317,6 +328,9 @@ async fn run(db: UnitDb, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 }
             }
             _ = tick.tick() => {
+                // The expiry timer runs on the monotonic clock, which stops
+                // during a suspend: correct the watch here too.
+                shared.publish();
                 // A round whose answers never all came back (a panicked
                 // task) can no longer give a lease: forget it.
                 let lease = Duration::from_millis(shared.timing.lease_ms);
@@ -335,7 +349,7 @@ async fn run(db: UnitDb, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                 shared.needed.store(need as u64, Ordering::Relaxed);
                 let id = next_round;
                 next_round += 1;
-                rounds.insert(id, Round { sent: Instant::now(), need, granted: 0, pending: voters.len() });
+                rounds.insert(id, Round { sent: BootInstant::now(), need, granted: 0, pending: voters.len() });
                 for voter in voters {
                     let db = db.clone();
                     inflight.spawn(async move {
@@ -355,10 +369,11 @@ async fn run(db: UnitDb, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Sleeps until `at`, or forever for `None` (with no lease there is nothing
-/// to expire).
-async fn sleep_until(at: Option<Instant>) {
+/// to expire). After a suspend the wake-up is late; the caller re-checks the
+/// boot clock ([`Shared::publish`]) whenever it wakes.
+async fn sleep_until(at: Option<BootInstant>) {
     match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        Some(at) => tokio::time::sleep_until(at.to_tokio()).await,
         None => std::future::pending().await,
     }
 }
@@ -373,7 +388,7 @@ fn record(shared: &Shared, voter: NodeId, answer: &Result<LeaseAnswer, String>) 
         // Only voters of the current round are shown.
         if let Some(e) = v.get_mut(&voter) {
             e.last = last;
-            e.at = Some(Instant::now());
+            e.at = Some(BootInstant::now());
         }
     }
 }
@@ -382,8 +397,10 @@ fn record(shared: &Shared, voter: NodeId, answer: &Result<LeaseAnswer, String>) 
 /// partner whose fence was committed at `fence_committed_at`: the partner's
 /// last lease was granted before that commit and so ends before
 /// `fence_committed_at + lease_ms`; `drift_margin_ms` covers the difference
-/// of clock rates between the two PMs.
-pub fn takeover_at(fence_committed_at: Instant, timing: LeaseTiming) -> Instant {
+/// of clock rates between the two PMs. Both on the boot clock: if the
+/// survivor is suspended meanwhile, the wait is not extended by the suspend
+/// (the partner's lease, on its own boot clock, did not stop either).
+pub fn takeover_at(fence_committed_at: BootInstant, timing: LeaseTiming) -> BootInstant {
     fence_committed_at + Duration::from_millis(timing.worst_case_takeover_ms())
 }
 
@@ -394,10 +411,11 @@ pub struct PartnerFenced {
     pub partner: NodeId,
     /// The fence's log index.
     pub index: u64,
-    /// When [`UnitDb::fence`] returned here (not before the commit).
-    pub committed_at: Instant,
+    /// When [`UnitDb::fence`] returned here (not before the commit), on the
+    /// boot clock.
+    pub committed_at: BootInstant,
     /// [`takeover_at`] of `committed_at`.
-    pub may_take_over_at: Instant,
+    pub may_take_over_at: BootInstant,
 }
 
 impl PartnerFenced {
@@ -410,7 +428,7 @@ impl PartnerFenced {
 
     /// Whether the survivor may take over now.
     pub fn may_take_over(&self) -> bool {
-        Instant::now() >= self.may_take_over_at
+        BootInstant::now() >= self.may_take_over_at
     }
 }
 
@@ -426,7 +444,7 @@ pub async fn fence_partner(
     let index = db.fence(partner, reason).await?;
     // Taken after the write returned, so not before the commit: waiting from
     // here is conservative.
-    let committed_at = Instant::now();
+    let committed_at = BootInstant::now();
     Ok(PartnerFenced {
         partner,
         index,
@@ -441,7 +459,6 @@ mod tests {
 
     fn shared(lease_ms: u64) -> Shared {
         Shared {
-            origin: Instant::now(),
             deadline_us: AtomicU64::new(0),
             timing: LeaseTiming {
                 heartbeat_ms: 100,
@@ -460,7 +477,7 @@ mod tests {
         let s = shared(60_000);
         assert!(!s.holds());
         assert_eq!(s.expires_at(), None);
-        let now = Instant::now();
+        let now = BootInstant::now();
         s.extend_from(now);
         let first = s.expires_at().unwrap();
         // An older round's late majority does not shorten the lease.
@@ -476,9 +493,10 @@ mod tests {
     #[test]
     fn a_round_older_than_the_lease_gives_nothing() {
         let s = shared(1);
+        let sent = BootInstant::now();
         std::thread::sleep(Duration::from_millis(5));
-        // A majority for a round sent at `origin`, arriving 5 ms later.
-        s.extend_from(s.origin);
+        // A majority for a round sent at `sent`, arriving 5 ms later.
+        s.extend_from(sent);
         assert!(!s.holds());
         assert_eq!(s.expires_in(), None);
     }
@@ -486,7 +504,7 @@ mod tests {
     #[test]
     fn takeover_waits_lease_and_margin() {
         let t = LeaseTiming::default();
-        let c = Instant::now();
+        let c = BootInstant::now();
         assert_eq!(
             takeover_at(c, t) - c,
             Duration::from_millis(t.lease_ms + t.drift_margin_ms)

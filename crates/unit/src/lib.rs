@@ -3,10 +3,12 @@
 //! Leases, fencing, failover and maintenance workflows build on it and on
 //! the replicated unit database (`pairvisor-unitdb`).
 
+pub mod clock;
 pub mod health;
 pub mod lease;
 pub mod service;
 
+pub use clock::BootInstant;
 pub use lease::{
     fence_partner, takeover_at, LeaseCheck, LeaseKeeper, LeaseStatus, PartnerFenced, VoterAnswer,
     VoterStatus,

@@ -398,6 +398,7 @@ impl UnitService {
         ];
         let health = Health::start(HealthConfig {
             node_id: db.node_id(),
+            partner_node_id: Some(partner.node_id),
             secret: secret.into_bytes(),
             links,
             timing: self.cfg.timing,

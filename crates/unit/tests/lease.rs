@@ -6,7 +6,7 @@
 //! with `UnitDb::set_blocked_peers`; every wait is a poll with a deadline.
 
 use pairvisor_model::fencing::LeaseTiming;
-use pairvisor_unit::{fence_partner, LeaseKeeper, VoterAnswer};
+use pairvisor_unit::{fence_partner, BootInstant, LeaseKeeper, VoterAnswer};
 use pairvisor_unitdb::{Config, Error, LeaseRefusal, NodeRole, Timing, UnitCa, UnitDb};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -153,14 +153,14 @@ async fn an_isolated_pm_loses_its_lease_while_the_majority_side_keeps_it() {
     // majority, so its lease ends by `cut + lease_ms`.
     let mut rx1 = k1.watch();
     u.isolate(1);
-    let cut = Instant::now();
+    let cut = BootInstant::now();
     let mut k2_always = true;
     eventually("PM 1 to lose its lease", DEADLINE, || {
         k2_always &= k2.holds();
         (!k1.holds()).then_some(())
     })
     .await;
-    let lost = Instant::now();
+    let lost = BootInstant::now();
     let end = k1.deadline().unwrap();
     assert!(end <= cut + lease_ms(), "lease ran past cut + lease_ms");
     assert!(end <= lost);
@@ -270,7 +270,7 @@ async fn without_a_witness_the_survivor_holds_a_lease_again_only_after_forcing_q
     // PM 2 dies: 1 of 2 is no majority.
     let pm2 = u.dbs.pop().unwrap();
     pm2.shutdown().await;
-    let died = Instant::now();
+    let died = BootInstant::now();
     eventually("PM 1 to lose its lease", DEADLINE, || {
         (!k1.holds()).then_some(())
     })
