@@ -274,6 +274,23 @@ pub struct VolumeView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub replica: Option<serde_json::Value>,
+    /// In a unit: a replica that may be behind — the primary acknowledged
+    /// writes without it; it is never promoted without an administrator's
+    /// "promote anyway" (ARCHITECTURE "Fencing").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outdated: Option<OutdatedView>,
+}
+
+/// A replica recorded as outdated (see [`VolumeView::outdated`]).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OutdatedView {
+    /// The PM whose replica is behind.
+    pub pm: String,
+    /// The primary that wrote without it.
+    pub by: String,
+    /// When the pair was last known in sync (RFC 3339): later writes are
+    /// missing on `pm`.
+    pub since: String,
 }
 
 impl VolumeView {
@@ -289,6 +306,15 @@ impl VolumeView {
             primary: v.mirror.as_ref().map(|m| m.primary.clone()),
             epoch: v.mirror.as_ref().map(|m| m.epoch),
             replica: None,
+            outdated: v
+                .mirror
+                .as_ref()
+                .and_then(|m| m.outdated.as_ref())
+                .map(|o| OutdatedView {
+                    pm: o.pm.clone(),
+                    by: o.by.clone(),
+                    since: iso_time(o.since),
+                }),
         }
     }
 }

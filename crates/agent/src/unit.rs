@@ -312,6 +312,13 @@ impl Agent {
         };
         let me = u.pm_name();
         let partner = u.partner();
+        // S2: the configured resync rate, applied live (a running resync
+        // reads it for every piece it sends).
+        let rate = self
+            .store()
+            .settings()
+            .map(|s| s.resync_rate_mbps * 1_000_000)
+            .unwrap_or(0);
         for v in &volumes {
             let Some(m) = &v.mirror else { continue };
             let open = match self.local_mirror(&v.name) {
@@ -324,6 +331,7 @@ impl Agent {
                     }
                 },
             };
+            open.vol.set_resync_rate(rate);
             if m.primary == me {
                 if open.vol.role() != Role::Primary || open.vol.replica().meta().epoch != m.epoch {
                     if !self.is_caught_up() {

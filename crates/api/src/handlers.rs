@@ -659,6 +659,9 @@ pub struct SettingsPatch {
     pub migration_post_copy_allowed: Option<bool>,
     /// HA load balancing (L1): spread VMs without a preferred PM by memory.
     pub load_balancing: Option<bool>,
+    /// Resync rate cap, MB/s (0: unlimited, up to 100000), applied at once
+    /// to running resyncs (S2).
+    pub resync_rate_mbps: Option<u64>,
 }
 
 fn settings_view(s: &Settings) -> SettingsPatch {
@@ -680,6 +683,7 @@ fn settings_view(s: &Settings) -> SettingsPatch {
         migration_bandwidth_mbps: Some(s.migration_bandwidth_mbps),
         migration_post_copy_allowed: Some(s.migration_post_copy_allowed),
         load_balancing: Some(s.load_balancing),
+        resync_rate_mbps: Some(s.resync_rate_mbps),
     }
 }
 
@@ -787,6 +791,9 @@ pub async fn update_settings(
         }
         if let Some(v) = p.load_balancing {
             s.load_balancing = v;
+        }
+        if let Some(v) = p.resync_rate_mbps {
+            s.resync_rate_mbps = in_range("resync_rate_mbps", v, 0, 100_000)?;
         }
         tx.put_settings(&s)?;
         Ok(s)

@@ -936,3 +936,112 @@ fn a_pm_failing_three_times_in_an_hour_is_out_of_service_until_reset() {
     });
     lab(dir.path(), &["down"]);
 }
+
+/// Issue 12, the double fault: the sync link dies, the primary goes on
+/// acknowledging writes alone, then the primary dies. Before the fix the
+/// survivor booted the VM on its stale replica (acknowledged records lost).
+/// Now the primary records the partner's replica as outdated before its
+/// first write without it, the survivor refuses to promote it (the VM stays
+/// down with a critical alert saying why and what the choices are), and
+/// when the primary comes back the VM runs there again with every
+/// acknowledged record.
+#[test]
+fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 198);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    a.type_line(&id, "pv write 9 100000");
+    let before_cut = until("20 acknowledged writes", 60, || {
+        last_acked(&a.console(&id), 9).filter(|n| *n >= 20)
+    });
+    lab(dir.path(), &["cut", "private"]);
+    // pm-a keeps its lease (business link, witness) and goes on alone, but
+    // only after recording that pm-b's replica is behind.
+    let v = until("pm-b's replica recorded as outdated", 60, || {
+        a.get("/volumes/demo-boot")
+            .filter(|v| v["outdated"]["pm"] == "pm-b")
+    });
+    assert_eq!(v["outdated"]["by"], "pm-a", "{v}");
+    let acked = until("writes acknowledged after the cut", 60, || {
+        last_acked(&a.console(&id), 9).filter(|n| *n >= before_cut + 30)
+    });
+    lab(dir.path(), &["kill", "pm-a"]);
+    let acked = last_acked(&a.console(&id), 9).unwrap_or(acked);
+
+    // pm-b fences pm-a but refuses to boot the VM on its stale replica.
+    let alert = until("a critical alert says why the VM stays down", 60, || {
+        b.get("/alerts")?
+            .as_array()?
+            .iter()
+            .find(|a| a["kind"] == "failover-refused" && a["subject"] == "vm/demo")
+            .cloned()
+    });
+    assert_eq!(alert["severity"], "critical", "{alert}");
+    let msg = alert["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("outdated"), "{alert}");
+    assert!(
+        alert["action"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("promote-anyway"),
+        "{alert}"
+    );
+    // And it stays down here: for a whole failover period and more.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let vm = b.vm("demo").unwrap_or_default();
+        assert_ne!(
+            vm["host"], "pm-b",
+            "the VM was moved to a stale replica: {vm}"
+        );
+        assert!(!b.qemu_alive(&id), "QEMU started on pm-b's stale replica");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Promote anyway needs the VM's name typed again, and changes nothing
+    // otherwise.
+    let (code, body) = b
+        .call(
+            "POST",
+            "/vms/demo/promote-anyway",
+            Some(json!({"confirm": "yes"})),
+        )
+        .unwrap();
+    assert_eq!(code, 400, "{body}");
+    assert!(body.to_string().contains("typed again"), "{body}");
+    assert_eq!(b.vm("demo").unwrap()["host"], "pm-a");
+
+    // pm-a comes back: it is let in again, and the VM runs there with
+    // every record it had acknowledged.
+    lab(dir.path(), &["start", "pm-a"]);
+    until("demo running on pm-a again", 180, || {
+        a.vm("demo")
+            .filter(|v| v["host"] == "pm-a" && v["state"] == "running" && v["pid"].is_number())
+    });
+    assert!(!b.qemu_alive(&id), "never on both PMs");
+    let verdict = guest_answer(
+        &a,
+        &id,
+        &format!("pv verify 9 {}", acked + 1),
+        "pv-guest: verify ",
+        90,
+    );
+    assert!(
+        verdict.contains(&format!("verify ok 9 {}", acked + 1)),
+        "{verdict}"
+    );
+    // Healed: pm-b's replica resyncs and the mark is gone.
+    lab(dir.path(), &["heal"]);
+    let v = until("in sync again, not outdated", 120, || {
+        a.get("/volumes/demo-boot")
+            .filter(|v| v["sync"] == "in_sync" && v["outdated"].is_null())
+    });
+    assert_eq!(v["primary"], "pm-a", "{v}");
+    until("the failover alert is cleared", 60, || {
+        let alerts = b.get("/alerts")?;
+        (!alerts.to_string().contains("failover-refused")).then_some(())
+    });
+    lab(dir.path(), &["down"]);
+}

@@ -352,6 +352,10 @@ pub struct Settings {
     /// HA load balancing (L1, off by default): VMs without a preferred PM
     /// are spread over the PMs by memory.
     pub load_balancing: bool,
+    /// S2: resync rate cap, MB/s (0: unlimited), applied live to every
+    /// running mirror, so that a resync does not starve the VMs' own I/O.
+    #[serde(default)]
+    pub resync_rate_mbps: u64,
 }
 
 impl Default for Settings {
@@ -371,6 +375,7 @@ impl Default for Settings {
             migration_bandwidth_mbps: 0,
             migration_post_copy_allowed: true,
             load_balancing: false,
+            resync_rate_mbps: 0,
         }
     }
 }
