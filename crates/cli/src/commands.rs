@@ -182,6 +182,17 @@ pub enum LabCmd {
         /// Member.
         member: String,
     },
+    /// Freeze a member's daemon (SIGSTOP; its VMs' QEMU processes go on),
+    /// as a hung process or a long pause would.
+    Freeze {
+        /// Member.
+        member: String,
+    },
+    /// Let a frozen member's daemon run again (SIGCONT).
+    Thaw {
+        /// Member.
+        member: String,
+    },
     /// Cut a link: private, business-a, business-b, witness, all.
     Cut {
         /// Link.

@@ -507,19 +507,41 @@ fn kill_member(st: &LabState, m: &Member) {
     }
 }
 
+fn member<'a>(st: &'a LabState, member: &str) -> Result<&'a Member, LabError> {
+    st.members.iter().find(|m| m.name == member).ok_or_else(|| {
+        LabError::Api(format!(
+            "no lab member '{member}'; members: pm-a, pm-b, witness"
+        ))
+    })
+}
+
 /// `lab kill <member>`: the member dies with everything it ran.
-pub fn kill(dir: &Path, member: &str) -> Result<(), LabError> {
+pub fn kill(dir: &Path, member_name: &str) -> Result<(), LabError> {
     let st = load(dir)?;
-    let m = st
-        .members
-        .iter()
-        .find(|m| m.name == member)
-        .ok_or_else(|| {
-            LabError::Api(format!(
-                "no lab member '{member}'; members: pm-a, pm-b, witness"
-            ))
-        })?;
-    kill_member(&st, m);
+    kill_member(&st, member(&st, member_name)?);
+    Ok(())
+}
+
+/// `lab freeze <member>` / `lab thaw <member>`: SIGSTOP / SIGCONT of the
+/// member's daemon alone (its QEMU processes are not its children and go
+/// on), as a hung daemon or a long pause would.
+pub fn freeze(dir: &Path, member_name: &str, stop: bool) -> Result<(), LabError> {
+    let st = load(dir)?;
+    let m = member(&st, member_name)?;
+    if !alive(m.pid) {
+        return Err(LabError::Api(format!("{member_name} is not running")));
+    }
+    let sig = if stop { "-STOP" } else { "-CONT" };
+    let ok = Command::new("kill")
+        .args([sig, &m.pid.to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        return Err(LabError::Api(format!(
+            "could not send SIG{} to {member_name}",
+            &sig[1..]
+        )));
+    }
     Ok(())
 }
 

@@ -97,6 +97,8 @@ async fn lab(
         }
         LabCmd::Kill { member } => pairvisor_lab::lab::kill(&dir, &member)?,
         LabCmd::Start { member } => pairvisor_lab::lab::start(&dir, &member)?,
+        LabCmd::Freeze { member } => pairvisor_lab::lab::freeze(&dir, &member, true)?,
+        LabCmd::Thaw { member } => pairvisor_lab::lab::freeze(&dir, &member, false)?,
         LabCmd::Cut { link } => pairvisor_lab::lab::cut(&dir, &link, false)?,
         LabCmd::Heal { link } => pairvisor_lab::lab::cut(&dir, &link, true)?,
         LabCmd::Down => pairvisor_lab::lab::down(&dir)?,
