@@ -16,6 +16,7 @@ mod error;
 mod migrate;
 mod paths;
 mod safety;
+mod splitbrain;
 mod storage;
 mod types;
 mod unit;
@@ -25,6 +26,7 @@ pub use error::{AgentError, Result};
 pub use migrate::{MigrateRequest, MigrationEstimate, MigrationView, RemedyRequest};
 pub use paths::Paths;
 pub use safety::{LossReport, PromoteAnywayReport, PromoteAnywayRequest, TakeoverPlan};
+pub use splitbrain::{ResolveRequest, SplitBrainView, SplitSide};
 pub use types::*;
 pub use unit::{LocalReplica, PartnerLink, ReplicaReport, Takeover, UnitLink, UnitTls};
 

@@ -152,6 +152,7 @@ impl Agent {
             agent.catch_up().await;
             agent.reconcile_mirrors().await;
             agent.clear_outdated_marks().await;
+            agent.reconcile_split_brains().await;
             agent.stop_foreign_vms().await;
             agent.serve_incoming_migrations().await;
             agent.check_redundancy_alerts();
@@ -254,6 +255,7 @@ impl Agent {
             port,
             outdated: None,
             accept_loss: false,
+            keep: None,
         })
     }
 

@@ -59,6 +59,14 @@ fn vm_of(method: &Method, path: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// The volume whose split brain a request looks at or resolves: its
+/// primary's PM holds both sides' descriptions and carries the decision out.
+fn split_volume_of(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/volumes/")?;
+    let (name, op) = rest.split_once('/')?;
+    (!name.is_empty() && (op == "split-brain" || op == "resolve")).then(|| name.to_string())
+}
+
 /// The PM a `/pms/{name}/...` operation is about.
 fn pm_of(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/api/v1/pms/")?;
@@ -108,6 +116,12 @@ pub async fn to_host(st: &AppState, req: Request) -> (Request, Option<Response>)
     let (vm, host) = if let Some(pm) = pm_of(path.path()) {
         // An operation on a PM runs on that PM.
         (format!("PM {pm}"), Some(pm))
+    } else if let Some(vol) = split_volume_of(path.path()) {
+        let primary = match st.agent.store().get::<pairvisor_store::VolumeRecord>(&vol) {
+            Ok(Some(v)) => v.mirror.map(|m| m.primary),
+            _ => None,
+        };
+        (format!("volume '{vol}'"), primary)
     } else {
         let Some(vm) = vm_of(req.method(), path.path()) else {
             return (req, None);
@@ -260,5 +274,10 @@ mod tests {
         assert_eq!(pm_of("/api/v1/pms/pm-b/work-on"), Some("pm-b".into()));
         assert_eq!(pm_of("/api/v1/pms/pm-b/reset-device"), None);
         assert_eq!(pm_of("/api/v1/pms"), None);
+        assert_eq!(
+            split_volume_of("/api/v1/volumes/d/resolve"),
+            Some("d".into())
+        );
+        assert_eq!(split_volume_of("/api/v1/volumes/d"), None);
     }
 }

@@ -81,7 +81,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
         unit::show, unit::init, unit::join_token, unit::join,
         unit::force_quorum_preview, unit::force_quorum, unit::list_pms, unit::work_on,
         unit::finalize, unit::pm_shutdown, unit::pm_poweroff, unit::unit_shutdown,
-        unit::set_placement, unit::promote_anyway, unit::pm_reset_device,
+        unit::set_placement, unit::promote_anyway, unit::volume_split_brain, unit::volume_resolve, unit::pm_reset_device,
         live::events, live::vnc,
     ),
     modifiers(&BearerAuth),
@@ -163,6 +163,8 @@ pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitServ
         .route("/pms/{name}/reset-device", post(unit::pm_reset_device))
         .route("/vms/{name}/placement", put(unit::set_placement))
         .route("/vms/{name}/promote-anyway", post(unit::promote_anyway))
+        .route("/volumes/{name}/split-brain", get(unit::volume_split_brain))
+        .route("/volumes/{name}/resolve", post(unit::volume_resolve))
         .route("/alerts/{id}", axum::routing::delete(acknowledge_alert))
         .layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let public = Router::new().route("/auth/login", post(login)).route(
@@ -247,6 +249,8 @@ pub const ACCESS: &[(&str, &str, Access)] = &[
     ("POST", "/pms/{name}/reset-device", Access::Administer),
     ("PUT", "/vms/{name}/placement", Access::Administer),
     ("POST", "/vms/{name}/promote-anyway", Access::Administer),
+    ("GET", "/volumes/{name}/split-brain", Access::Read),
+    ("POST", "/volumes/{name}/resolve", Access::Administer),
     ("POST", "/unit/force-quorum", Access::Administer),
     ("DELETE", "/alerts/{id}", Access::Operate),
     ("GET", "/events", Access::Read),

@@ -430,6 +430,36 @@ pub async fn promote_anyway(
     Ok(axum::Json(st.agent.promote_anyway(&name, &req)?))
 }
 
+/// A volume's split brain (S4): both copies side by side (generation, last
+/// write, regions each wrote alone) and the choices. Answered by the
+/// volume's primary PM (forwarded there).
+#[utoipa::path(get, path = "/api/v1/volumes/{name}/split-brain", params(("name" = String, Path)),
+    responses((status = 200, body = pairvisor_agent::SplitBrainView), (status = 409, body = ErrorBody)))]
+pub async fn volume_split_brain(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> ApiResult<axum::Json<pairvisor_agent::SplitBrainView>> {
+    service(&st)?;
+    Ok(axum::Json(st.agent.split_brain(&name)?))
+}
+
+/// Resolve a split brain (S4): keep one PM's copy (`confirm` repeats the
+/// volume's name); the other copy is resynced from it and both are verified.
+/// Keeping the copy of the PM that is not primary needs the VM stopped; the
+/// VM then runs there.
+#[utoipa::path(post, path = "/api/v1/volumes/{name}/resolve", params(("name" = String, Path)),
+    request_body = pairvisor_agent::ResolveRequest,
+    responses((status = 200, body = pairvisor_agent::SplitBrainView),
+        (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)))]
+pub async fn volume_resolve(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    Json(req): Json<pairvisor_agent::ResolveRequest>,
+) -> ApiResult<axum::Json<pairvisor_agent::SplitBrainView>> {
+    service(&st)?;
+    Ok(axum::Json(st.agent.resolve_split_brain(&name, &req)?))
+}
+
 /// Reset Device (U4): a PM taken out of service after too many failures
 /// returns to service (its failure counter is cleared). Works from either PM.
 #[utoipa::path(post, path = "/api/v1/pms/{name}/reset-device", params(("name" = String, Path)),

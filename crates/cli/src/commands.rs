@@ -491,6 +491,24 @@ pub enum VolumeCmd {
         /// Name.
         name: String,
     },
+    /// Show a split-brain volume's two copies side by side (S4).
+    SplitBrain {
+        /// Name.
+        name: String,
+    },
+    /// Resolve a split brain by keeping one PM's copy; the other copy's
+    /// independent writes are discarded. Without --yes, shows both copies
+    /// and changes nothing.
+    Resolve {
+        /// Name.
+        name: String,
+        /// The PM whose copy is kept.
+        #[arg(long)]
+        keep: String,
+        /// Discard the other copy's writes.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Create an unattached volume.
     Create {
         /// Name.
@@ -1155,6 +1173,28 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
         Command::Volume(cmd) => match cmd {
             VolumeCmd::List => out("volumes", c.call(M::GET, "/volumes", None).await?),
             VolumeCmd::Show { name } => out("", c.call(M::GET, &format!("/volumes/{name}"), None).await?),
+            VolumeCmd::SplitBrain { name } => {
+                out("", c.call(M::GET, &format!("/volumes/{name}/split-brain"), None).await?)
+            }
+            VolumeCmd::Resolve { name, keep, yes } => {
+                if yes {
+                    out(
+                        "",
+                        c.call(
+                            M::POST,
+                            &format!("/volumes/{name}/resolve"),
+                            Some(json!({"keep": keep, "confirm": name})),
+                        )
+                        .await?,
+                    )
+                } else {
+                    out("", c.call(M::GET, &format!("/volumes/{name}/split-brain"), None).await?);
+                    eprintln!(
+                        "nothing changed: repeat with --yes to keep {keep}'s copy of {name} and discard \
+                         the other copy's independent writes"
+                    );
+                }
+            }
             VolumeCmd::Create { name, size, group } => out(
                 "",
                 c.call(M::POST, "/volumes", Some(json!({"name": name, "size_bytes": parse_size(&size)?, "group": group})))

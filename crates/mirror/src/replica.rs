@@ -410,6 +410,16 @@ impl Replica {
         self.dir.join("data.raw")
     }
 
+    /// When the data was last written (the data file's modification time,
+    /// seconds since the Unix epoch).
+    pub fn last_write_unix(&self) -> Option<u64> {
+        std::fs::metadata(self.data_path())
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs())
+    }
+
     fn check(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         if region::in_bounds(offset, len, size) {

@@ -122,6 +122,20 @@ pub enum Durability {
 /// its partner (the unit layer's lease).
 pub type DegradedPredicate = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// The partner's replica as it described itself in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerSide {
+    /// Its generation identifiers.
+    pub gen: GenIds,
+    /// Whether it is a complete image.
+    pub consistent: bool,
+    /// Regions its dirty bitmap names (written without this replica, or in
+    /// flight when the link broke).
+    pub dirty_regions: u64,
+    /// When its data was last written (seconds since the epoch).
+    pub last_write_unix: Option<u64>,
+}
+
 /// Records, outside the mirror, that the partner's replica is outdated
 /// (DRBD's outdate-peer handler): called with the primary's epoch before the
 /// first write of a degraded period is acknowledged. The write waits until
@@ -286,6 +300,11 @@ pub struct Status {
     pub writes_held: u64,
     /// The partner's replica is recorded as outdated (see [`PeerOutdater`]).
     pub peer_outdated: bool,
+    /// When this replica's data was last written (seconds since the epoch).
+    pub last_write_unix: Option<u64>,
+    /// The partner's side, as it described itself when the pair was found
+    /// split (shown next to this side for the administrator's choice, S4).
+    pub split_brain_peer: Option<PeerSide>,
     /// Dirty regions in the bitmap.
     pub dirty_regions: u64,
     /// Resync progress, while one runs.
@@ -349,6 +368,7 @@ struct Inner {
     next_incoming: u64,
     rotated: bool,
     peer_outdated: bool,
+    split_peer: Option<PeerSide>,
     resync: Option<ResyncProgress>,
     writes_held: u64,
     last_verify: Option<VerifyReport>,
@@ -447,6 +467,7 @@ impl Volume {
                 next_incoming: 0,
                 rotated: false,
                 peer_outdated: false,
+                split_peer: None,
                 resync: None,
                 writes_held: 0,
                 last_verify: None,
@@ -1174,6 +1195,8 @@ impl Volume {
                 && !matches!(st.link_state, LinkState::InSync | LinkState::Resyncing),
             writes_held: st.writes_held,
             peer_outdated: st.peer_outdated,
+            last_write_unix: self.replica.last_write_unix(),
+            split_brain_peer: st.split_peer.clone(),
             dirty_regions: self.replica.dirty_count(),
             resync,
             stats: StatsSnapshot {
@@ -1282,6 +1305,7 @@ impl Volume {
             }
             st.link = Some(link.clone());
             st.rotated = false;
+            st.split_peer = None;
             st.link_state = LinkState::Resyncing;
         }
         self.changed.notify_waiters();
@@ -1396,7 +1420,16 @@ impl Volume {
                 out.extend_from_slice(&p);
                 let _ = wr.write_all(&out).await;
                 let _ = wr.flush().await;
-                self.lock().link_state = LinkState::SplitBrain { relation };
+                {
+                    let mut st = self.lock();
+                    st.link_state = LinkState::SplitBrain { relation };
+                    st.split_peer = Some(PeerSide {
+                        gen: welcome.gen.clone(),
+                        consistent: welcome.consistent,
+                        dirty_regions: bitmap.iter().map(|b| u64::from(b.count_ones())).sum(),
+                        last_write_unix: welcome.last_write_unix,
+                    });
+                }
                 self.changed.notify_waiters();
                 tracing::error!("split brain with partner: {reason}");
                 return Ok(None);
@@ -1822,6 +1855,7 @@ impl Volume {
             epoch: meta.epoch,
             consistent: meta.consistent,
             decision: meta.decision,
+            last_write_unix: self.replica.last_write_unix(),
         })
         .expect("welcome serialises");
         let bitmap = if refusal.is_none() {

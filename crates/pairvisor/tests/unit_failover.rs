@@ -1411,7 +1411,7 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
         "acknowledged_writes_checked": checked,
         "violations": violations.len(),
     });
-    println!("nemesis: {report}");
+    println!("{}\nnemesis: {report}", log.join("\n"));
     assert!(
         violations.is_empty(),
         "nemesis seed {seed} violated the invariants:\n{}\n\nstep log:\n{}",
@@ -1445,4 +1445,161 @@ fn nemesis_seeded_fault_schedules_keep_every_acknowledged_write() {
     for seed in nemesis_seeds() {
         nemesis_run(seed, steps);
     }
+}
+
+/// Issue 12 / SPEC S4: after a double fault the administrator promotes
+/// anyway on the survivor (told what is lost); when the old primary comes
+/// back both copies were written independently: the split brain is shown
+/// side by side, and keeping the old primary's copy (VM stopped first)
+/// resyncs the other from it, verifies, and the VM runs there with every
+/// record it had acknowledged.
+#[test]
+fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_copy() {
+    let dir = Lab(tempfile::tempdir().unwrap());
+    let dir = &dir.0;
+    up(dir.path(), 184);
+    let mut a = Pm::new(dir.path(), "pm-a");
+    let mut b = Pm::new(dir.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    a.type_line(&id, "pv write 9 100000");
+    let before_cut = until("20 acknowledged writes", 60, || {
+        last_acked(&a.console(&id), 9).filter(|n| *n >= 20)
+    });
+    lab(dir.path(), &["cut", "private"]);
+    until("pm-b's replica recorded as outdated", 60, || {
+        a.get("/volumes/demo-boot")
+            .filter(|v| v["outdated"]["pm"] == "pm-b")
+    });
+    until("writes acknowledged after the cut", 60, || {
+        last_acked(&a.console(&id), 9).filter(|n| *n >= before_cut + 20)
+    });
+    lab(dir.path(), &["kill", "pm-a"]);
+    let acked = last_acked(&a.console(&id), 9).unwrap();
+    until("failover refused on pm-b", 60, || {
+        b.get("/alerts")?
+            .as_array()?
+            .iter()
+            .find(|a| a["kind"] == "failover-refused")
+            .cloned()
+    });
+    // Promote anyway: what is lost is reported.
+    let (code, rep) = until("promote anyway accepted", 60, || {
+        b.call(
+            "POST",
+            "/vms/demo/promote-anyway",
+            Some(json!({"confirm": "demo"})),
+        )
+        .filter(|(c, _)| *c == 200)
+    });
+    assert_eq!(code, 200);
+    assert_eq!(rep["host"], "pm-b", "{rep}");
+    let loss = &rep["volumes"][0];
+    assert_eq!(loss["volume"], "demo-boot", "{rep}");
+    assert_eq!(loss["newer_data_on"], "pm-a", "{rep}");
+    assert!(loss["last_in_sync"].is_number(), "{rep}");
+    assert!(
+        loss["refused_because"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("outdated"),
+        "{rep}"
+    );
+    until("demo running on pm-b", 120, || {
+        b.vm("demo")
+            .filter(|v| v["host"] == "pm-b" && v["state"] == "running" && v["pid"].is_number())
+    });
+    let alerts = b.get("/alerts").unwrap();
+    assert!(
+        alerts.to_string().contains("data-loss-accepted"),
+        "{alerts}"
+    );
+    // pm-b's copy is written too: the copies diverge.
+    b.type_line(&id, "pv write 11 20 4000");
+    until("pm-b writes", 60, || {
+        last_acked(&b.console(&id), 11).filter(|n| *n >= 4010)
+    });
+
+    // pm-a comes back: split brain, shown side by side (asked on pm-a,
+    // answered by the primary pm-b).
+    lab(dir.path(), &["heal"]);
+    lab(dir.path(), &["start", "pm-a"]);
+    let view = until("split brain shown", 120, || {
+        a.get("/volumes/demo-boot/split-brain").filter(|v| {
+            v["split_brain"] == true && v["sides"].as_array().is_some_and(|s| s.len() == 2)
+        })
+    });
+    let sides = view["sides"].as_array().unwrap();
+    assert_eq!(sides[0]["pm"], "pm-b", "{view}");
+    assert_eq!(sides[1]["pm"], "pm-a", "{view}");
+    assert_ne!(sides[0]["generation"], sides[1]["generation"], "{view}");
+    assert!(sides[1]["last_write"].is_string(), "{view}");
+    until("split-brain alert", 60, || {
+        b.get("/alerts")?
+            .as_array()?
+            .iter()
+            .find(|a| a["kind"] == "split-brain" && a["severity"] == "critical")
+            .cloned()
+    });
+    // Refused: the wrong confirmation, an unknown PM, the VM still running
+    // on the copy that would be overwritten.
+    for (body, code, needle) in [
+        (json!({"keep": "pm-a", "confirm": "x"}), 400, "typed again"),
+        (
+            json!({"keep": "pm-z", "confirm": "demo-boot"}),
+            400,
+            "must name a PM of this unit",
+        ),
+        (
+            json!({"keep": "pm-a", "confirm": "demo-boot"}),
+            409,
+            "stop it",
+        ),
+    ] {
+        let (c, v) = a
+            .call("POST", "/volumes/demo-boot/resolve", Some(body))
+            .unwrap();
+        assert_eq!(c, code, "{v}");
+        assert!(v.to_string().contains(needle), "{v}");
+    }
+    let (c, v) = b.call("POST", "/vms/demo/poweroff", None).unwrap();
+    assert!(c < 300, "{v}");
+    until("demo stopped", 120, || {
+        b.vm("demo").filter(|v| v["state"] == "stopped")
+    });
+    let (c, v) = a
+        .call(
+            "POST",
+            "/volumes/demo-boot/resolve",
+            Some(json!({"keep": "pm-a", "confirm": "demo-boot"})),
+        )
+        .unwrap();
+    assert_eq!(c, 200, "{v}");
+    until("resolved: pm-a primary, in sync, verified", 180, || {
+        a.get("/volumes/demo-boot/split-brain").filter(|v| {
+            v["split_brain"] == false && v["resolving_keep"].is_null() && v["sync"] == "in_sync"
+        })
+    });
+    until("the split-brain alert is cleared", 60, || {
+        let alerts = a.get("/alerts")?;
+        (!alerts.to_string().contains("\"split-brain\"")).then_some(())
+    });
+    // The VM runs on pm-a's copy: every record pm-a acknowledged is there.
+    let (c, v) = a.call("POST", "/vms/demo/start", None).unwrap();
+    assert!(c < 300, "{v}");
+    until("demo running on pm-a", 120, || {
+        a.vm("demo")
+            .filter(|v| v["host"] == "pm-a" && v["state"] == "running" && v["pid"].is_number())
+    });
+    let verdict = guest_answer(
+        &a,
+        &id,
+        &format!("pv verify 9 {}", acked + 1),
+        "pv-guest: verify ",
+        90,
+    );
+    assert!(
+        verdict.contains(&format!("verify ok 9 {}", acked + 1)),
+        "{verdict}"
+    );
+    lab(dir.path(), &["down"]);
 }

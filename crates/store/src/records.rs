@@ -167,6 +167,11 @@ pub struct MirrorRecord {
     /// it was interrupted. Cleared at the next hand-over.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub accept_loss: bool,
+    /// S4: the administrator resolved a split brain by keeping this PM's
+    /// copy; the other replica is resynced from it, then both are verified
+    /// and the field is cleared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<String>,
 }
 
 /// Why and since when a PM's replica of a volume may be behind (see

@@ -177,6 +177,10 @@ pub struct Welcome {
     pub consistent: bool,
     /// The secondary's pending split-brain decision.
     pub decision: Option<Decision>,
+    /// When the secondary's data was last written (seconds since the Unix
+    /// epoch; absent from older peers), shown when the pair split.
+    #[serde(default)]
+    pub last_write_unix: Option<u64>,
 }
 
 /// What the primary will do, sent after it compared generations.
