@@ -237,24 +237,22 @@ impl Agent {
             let split = matches!(st.link, LinkState::SplitBrain { .. });
             let subject = format!("volume/{}", v.name);
             match m.keep.as_deref() {
-                None if split => {
-                    if !self.alert_active("split-brain", &subject) {
-                        self.raise_alert(
-                            "split-brain",
-                            &subject,
-                            crate::Severity::Critical,
-                            format!(
-                                "Volume {} is split-brain: both copies were written \
+                None if split && !self.alert_active("split-brain", &subject) => {
+                    self.raise_alert(
+                        "split-brain",
+                        &subject,
+                        crate::Severity::Critical,
+                        format!(
+                            "Volume {} is split-brain: both copies were written \
                                  independently and are not replicated",
-                                v.name
-                            ),
-                            &format!(
-                                "Compare both sides (`pairvisor volume split-brain {0}`) and \
+                            v.name
+                        ),
+                        &format!(
+                            "Compare both sides (`pairvisor volume split-brain {0}`) and \
                                  keep one: `pairvisor volume resolve {0} --keep PM --yes`",
-                                v.name
-                            ),
-                        );
-                    }
+                            v.name
+                        ),
+                    );
                 }
                 Some(k) if k == me => {
                     if st.decision != Some(Decision::KeepLocal) && st.link != LinkState::InSync {

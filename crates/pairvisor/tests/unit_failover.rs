@@ -1094,7 +1094,7 @@ enum Fault {
     /// SIGSTOP a PM's daemon for `secs`.
     Freeze { pm: &'static str, secs: u64 },
     /// Cut the sync link, let the host write alone for `secs`, kill it.
-    DoubleFault { secs: u64 },
+    SyncCutThenHostKill { secs: u64 },
     /// Live-migrate the VM to the other PM.
     Migrate,
 }
@@ -1114,7 +1114,7 @@ fn draw(rng: &mut Rng) -> Fault {
             pm: pm(rng),
             secs: 1 + rng.below(8),
         },
-        5 | 6 => Fault::DoubleFault {
+        5 | 6 => Fault::SyncCutThenHostKill {
             secs: 2 + rng.below(5),
         },
         _ => Fault::Migrate,
@@ -1246,10 +1246,9 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
     let running_host = |pms: &mut [Pm; 2], secs: u64| -> Option<usize> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < deadline {
-            for i in 0..2 {
-                let v = pms[i].vm("demo");
-                let name = pms[i].name;
-                if v.is_some_and(|v| {
+            for (i, pm) in pms.iter_mut().enumerate() {
+                let name = pm.name;
+                if pm.vm("demo").is_some_and(|v| {
                     v["host"] == name && v["state"] == "running" && v["pid"].is_number()
                 }) {
                     return Some(i);
@@ -1286,7 +1285,7 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                 std::thread::sleep(Duration::from_secs(1));
                 w.excused.store(false, SeqCst);
             }
-            Fault::DoubleFault { secs } => {
+            Fault::SyncCutThenHostKill { secs } => {
                 lab(dir.path(), &["cut", "private"]);
                 std::thread::sleep(Duration::from_secs(*secs));
                 let h = pms[host].name;
