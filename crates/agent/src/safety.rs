@@ -172,22 +172,30 @@ impl Agent {
         Ok(())
     }
 
+    /// The volumes the unit database makes this PM the primary of, with
+    /// their open local replicas.
+    pub(crate) fn my_primaries(
+        &self,
+    ) -> Vec<(VolumeRecord, std::sync::Arc<crate::unit::OpenMirror>)> {
+        let Some(me) = self.pm_name() else {
+            return Vec::new();
+        };
+        let Ok(volumes) = self.store().list::<VolumeRecord>() else {
+            return Vec::new();
+        };
+        volumes
+            .into_iter()
+            .filter(|v| v.mirror.as_ref().is_some_and(|m| m.primary == me))
+            .filter_map(|v| self.local_mirror(&v.name).map(|o| (v, o)))
+            .collect()
+    }
+
     /// Clears the outdated marks of this PM's primary volumes that are in
     /// sync with the partner again.
     pub(crate) async fn clear_outdated_marks(&self) {
-        let Some(u) = self.unit() else { return };
-        let me = u.pm_name();
-        let Ok(volumes) = self.store().list::<VolumeRecord>() else {
-            return;
-        };
-        for v in volumes {
-            let Some(m) = v.mirror.as_ref().filter(|m| m.primary == me) else {
-                continue;
-            };
-            if m.outdated.is_none() {
-                continue;
-            }
-            let Some(open) = self.local_mirror(&v.name) else {
+        let Some(me) = self.pm_name() else { return };
+        for (v, open) in self.my_primaries() {
+            let Some(m) = v.mirror.as_ref().filter(|m| m.outdated.is_some()) else {
                 continue;
             };
             if open.vol.status().link != LinkState::InSync {

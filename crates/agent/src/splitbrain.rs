@@ -221,16 +221,9 @@ impl Agent {
     /// volume, applies the administrator's decision on the kept side, and
     /// verifies once the pair is in sync again.
     pub(crate) async fn reconcile_split_brains(&self) {
-        let Some(u) = self.unit() else { return };
-        let me = u.pm_name();
-        let Ok(volumes) = self.store().list::<VolumeRecord>() else {
-            return;
-        };
-        for v in volumes {
-            let Some(m) = v.mirror.as_ref().filter(|m| m.primary == me) else {
-                continue;
-            };
-            let Some(open) = self.local_mirror(&v.name) else {
+        let Some(me) = self.pm_name() else { return };
+        for (v, open) in self.my_primaries() {
+            let Some(m) = v.mirror.as_ref() else {
                 continue;
             };
             let st = open.vol.status();

@@ -15,7 +15,12 @@
 // dirty memory faster than a capped link: the panel says "not converging"
 // with the numbers and offers remedies; cancel works, and "pause and
 // finish" brings the VM back to pm-a. Finally it sets the VM's preferred
-// PM. Screenshots go to PV_SCREENSHOTS (default target/screenshots).
+// PM. Then the double fault (issue 12): the sync link is cut, pm-a writes
+// alone (the volume page says pm-b's replica is outdated), pm-a dies; on
+// pm-b's console the VM page says why it stays down, and "Promote anyway"
+// needs the VM's name typed; when pm-a returns the volume page shows the
+// split brain side by side and "Keep this copy" (typed) resolves it.
+// Screenshots go to PV_SCREENSHOTS (default target/screenshots).
 //
 // Environment: PV_URL (pm-a's API), PV_ADMIN_USER (admin),
 // PV_ADMIN_PASSWORD, PV_LAB_DIR (the lab directory: lab.json and the PMs'
@@ -26,6 +31,7 @@ import { chromium } from 'playwright-core';
 import { chromiumTrustArgs, checkHttps } from './trust.mjs';
 import { mkdtempSync, mkdirSync, rmSync, readFileSync } from 'node:fs';
 import { createConnection } from 'node:net';
+import { execFileSync } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -43,6 +49,14 @@ const LAB = env('PV_LAB_DIR');
 const VM = env('PV_VM', 'demo');
 const SHOTS = env('PV_SCREENSHOTS', 'target/screenshots');
 const CHROMIUM = env('PV_CHROMIUM', '/usr/bin/chromium');
+// pm-b's API and the pairvisor binary (for `lab cut/kill/start/heal`).
+const URL_B = env('PV_URL_B').replace(/\/$/, '');
+const PV_BIN = env('PV_BIN');
+
+function labCmd(...args) {
+  execFileSync(PV_BIN, ['lab', '--dir', LAB, ...args], { stdio: 'pipe' });
+  log(`lab ${args.join(' ')}`);
+}
 
 const t0 = Date.now();
 const log = (...a) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s]`, ...a);
@@ -53,14 +67,14 @@ function assert(cond, msg) {
 }
 
 let token = null;
-async function apiCall(method, path, body) {
+async function apiCall(method, path, body, base = URL) {
   if (!token) {
     const r = await fetch(`${URL}/api/v1/auth/login`, {
       method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ user: ADMIN, password: ADMIN_PW }),
     });
     token = (await r.json()).token;
   }
-  const r = await fetch(`${URL}/api/v1${path}`, {
+  const r = await fetch(`${base}/api/v1${path}`, {
     method,
     headers: { Authorization: `Bearer ${token}`, ...(body ? { 'Content-Type': 'application/json' } : {}) },
     body: body ? JSON.stringify(body) : undefined,
@@ -329,7 +343,57 @@ async function main() {
     await page.waitForSelector('#dash-unit [data-pm=pm-b]');
     await shot(page, 'unit-dashboard');
 
-    assert(consoleErrors.filter((e) => !/Failed to load resource|status of 40[349]/.test(e)).length === 0,
+    // ------------------------------------------- the double fault (#12)
+    await guest('pm-a', vmId, 'pv write 21 100000', 'pv-guest: acked 21 20', 120);
+    labCmd('cut', 'private');
+    await until('pm-b outdated', 60, async () => (await apiCall('GET', '/volumes/demo-boot')).data.outdated?.pm === 'pm-b');
+    await page.goto(`${URL}/#/volumes/demo-boot`);
+    await page.waitForSelector('#volume-outdated >> text=outdated', { timeout: 30000 });
+    await shot(page, 'unit-volume-outdated');
+    await until('writes acknowledged alone', 120, () => consoleLog('pm-a', vmId).includes('pv-guest: acked 21 60'));
+    // The rest happens on pm-b's console (pm-a is about to die).
+    await page.goto(`${URL_B}/`);
+    await page.fill('#login-user', ADMIN);
+    await page.fill('#login-password', ADMIN_PW);
+    await page.click('button[type=submit]');
+    await page.waitForSelector('.topbar .who');
+    labCmd('kill', 'pm-a');
+    await page.goto(`${URL_B}/#/vms/${VM}`);
+    await page.waitForSelector('#vm-stranded-card >> text=failover refused', { timeout: 90000 });
+    await shot(page, 'unit-failover-refused');
+    await page.click('#promote-anyway');
+    await page.waitForSelector('dialog[open] #promote-confirm');
+    assert(await page.$eval('dialog[open] button[type=submit]', (b) => b.disabled), 'promote needs the name typed');
+    await page.fill('#promote-confirm', VM);
+    await page.click('dialog[open] button[type=submit]');
+    await page.waitForSelector('dialog[open]', { state: 'detached' });
+    await until('demo running on pm-b', 120, async () => {
+      const v = (await apiCall('GET', `/vms/${VM}`, null, URL_B)).data;
+      return v.host === 'pm-b' && v.state === 'running';
+    });
+    log('promoted anyway on pm-b');
+    // The guest writes on pm-b too: the copies diverge.
+    await until('the guest is up on pm-b', 120, () => consoleLog('pm-b', vmId).includes('pv-guest: ready'));
+    await guest('pm-b', vmId, 'pv write 22 20 5000', 'pv-guest: write done 22', 120);
+    labCmd('heal');
+    labCmd('start', 'pm-a');
+    await page.goto(`${URL_B}/#/volumes/demo-boot`);
+    await page.waitForSelector('#volume-split-brain [data-keep=pm-a]', { timeout: 120000 });
+    await page.waitForSelector('#volume-split-brain [data-keep=pm-b]');
+    await shot(page, 'unit-split-brain');
+    await page.click('#volume-split-brain [data-keep=pm-b]');
+    await page.waitForSelector('dialog[open] #resolve-confirm');
+    await page.fill('#resolve-confirm', 'demo-boot');
+    await page.click('dialog[open] button[type=submit]');
+    await page.waitForSelector('dialog[open]', { state: 'detached' });
+    await until('resolved and in sync', 180, async () => {
+      const v = (await apiCall('GET', '/volumes/demo-boot/split-brain', null, URL_B)).data;
+      return v.split_brain === false && !v.resolving_keep && v.sync === 'in_sync';
+    });
+    await page.waitForSelector('.volume-sync >> text=in sync', { timeout: 30000 }).catch(() => {});
+    log('split brain resolved from the console, keeping pm-b\'s copy');
+
+    assert(consoleErrors.filter((e) => !/Failed to load resource|status of 40[349]|status of 50[23]/.test(e)).length === 0,
       `no JavaScript errors: ${consoleErrors.join('\n')}`);
     log('ALL UNIT BROWSER CHECKS PASSED');
   } catch (e) {

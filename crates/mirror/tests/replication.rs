@@ -434,3 +434,49 @@ fn write_abandoned_mid_payload_leaves_replicas_identical() {
     let v = pa.ctl(json!({"cmd":"verify"}));
     assert_eq!(v["result"]["differing_count"], 0, "{v}");
 }
+
+/// S2: the resync rate applies to a resync that is already running (the
+/// unit's setting is pushed to running mirrors), and the progress reports
+/// its rate and an ETA.
+#[test]
+fn a_resync_rate_change_applies_to_the_running_resync() {
+    let d = tempfile::tempdir().unwrap();
+    let (a, b) = pair(d.path(), 64 * MIB);
+    let mut pb = b.start("secondary", 0);
+    let pa = a.start("primary", 1);
+    pa.wait_link("in_sync", T);
+    pb.kill();
+    rt().block_on(async {
+        let c = NbdClient::connect_tcp(&a.nbd_addr(), "vol").await.unwrap();
+        for i in 0..48u64 {
+            c.write(i * MIB, &pattern(i as u8, MIB as usize), false)
+                .await
+                .unwrap();
+        }
+        c.flush().await.unwrap();
+    });
+    // 2 MB/s: 48 MiB would take about 25 s.
+    pa.ctl(json!({"cmd":"set_resync_rate","bytes_per_sec": 2_000_000}));
+    let _pb = b.start("secondary", 0);
+    let slow = wait_until("a resync with an ETA", T, || {
+        let s = pa.status();
+        let eta = s["resync"]["eta_secs"].as_f64()?;
+        (s["resync"]["done_bytes"].as_u64()? >= 2 * MIB).then_some((s, eta))
+    });
+    assert!(slow.1 > 5.0, "capped: ETA {} s ({})", slow.1, slow.0);
+    assert!(
+        slow.0["resync"]["bytes_per_sec"].as_f64().unwrap() < 8e6,
+        "capped rate: {}",
+        slow.0
+    );
+    // Lifted while it runs: it finishes long before the capped ETA.
+    let lifted = std::time::Instant::now();
+    pa.ctl(json!({"cmd":"set_resync_rate","bytes_per_sec": 0}));
+    pa.wait_link("in_sync", Duration::from_secs(20));
+    assert!(
+        lifted.elapsed().as_secs_f64() < slow.1 * 0.8,
+        "finished {:?} after lifting the cap; capped ETA was {} s",
+        lifted.elapsed(),
+        slow.1
+    );
+}

@@ -202,6 +202,8 @@ fn browser_console_drives_a_two_pm_unit() {
         .arg(&script)
         .current_dir(&console)
         .env("PV_URL", &url)
+        .env("PV_URL_B", &pm_urls[1])
+        .env("PV_BIN", bin())
         .env("PV_CA_FILE", path.join("api-ca.pem"))
         .env("NODE_EXTRA_CA_CERTS", path.join("api-ca.pem"))
         .env("PV_ADMIN_USER", "admin")
@@ -228,6 +230,9 @@ fn browser_console_drives_a_two_pm_unit() {
         "unit-volume-detail",
         "unit-migration-done",
         "unit-migration-not-converging",
+        "unit-volume-outdated",
+        "unit-failover-refused",
+        "unit-split-brain",
     ] {
         assert!(
             shots.join(format!("{name}.png")).is_file(),

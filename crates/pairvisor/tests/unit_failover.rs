@@ -937,6 +937,32 @@ fn a_pm_failing_three_times_in_an_hour_is_out_of_service_until_reset() {
     lab(dir.path(), &["down"]);
 }
 
+/// A lab unit whose demo VM runs redundantly on pm-a: the lab (taken down
+/// when dropped), both PMs' APIs and the VM's id.
+fn unit_with_demo(net_base: u32) -> (Lab, Pm, Pm, String) {
+    let lab = Lab(tempfile::tempdir().unwrap());
+    up(lab.0.path(), net_base);
+    let mut a = Pm::new(lab.0.path(), "pm-a");
+    let b = Pm::new(lab.0.path(), "pm-b");
+    let id = demo_running_redundant(&mut a);
+    (lab, a, b, id)
+}
+
+/// The demo VM, asked to `pm`, when it runs on `host` with a QEMU there.
+fn demo_running_on(pm: &mut Pm, host: &str) -> Option<Value> {
+    pm.vm("demo")
+        .filter(|v| v["host"] == host && v["state"] == "running" && v["pid"].is_number())
+}
+
+/// The active alert of `kind` about `subject`, as `pm` lists them.
+fn alert_of(pm: &mut Pm, kind: &str, subject: &str) -> Option<Value> {
+    pm.get("/alerts")?
+        .as_array()?
+        .iter()
+        .find(|a| a["kind"] == kind && (subject.is_empty() || a["subject"] == subject))
+        .cloned()
+}
+
 /// Issue 12, the double fault: the sync link dies, the primary goes on
 /// acknowledging writes alone, then the primary dies. Before the fix the
 /// survivor booted the VM on its stale replica (acknowledged records lost).
@@ -947,12 +973,8 @@ fn a_pm_failing_three_times_in_an_hour_is_out_of_service_until_reset() {
 /// acknowledged record.
 #[test]
 fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
-    let dir = Lab(tempfile::tempdir().unwrap());
-    let dir = &dir.0;
-    up(dir.path(), 198);
-    let mut a = Pm::new(dir.path(), "pm-a");
-    let mut b = Pm::new(dir.path(), "pm-b");
-    let id = demo_running_redundant(&mut a);
+    let (lab_dir, mut a, mut b, id) = unit_with_demo(198);
+    let dir = &lab_dir.0;
     a.type_line(&id, "pv write 9 100000");
     let before_cut = until("20 acknowledged writes", 60, || {
         last_acked(&a.console(&id), 9).filter(|n| *n >= 20)
@@ -973,11 +995,7 @@ fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
 
     // pm-b fences pm-a but refuses to boot the VM on its stale replica.
     let alert = until("a critical alert says why the VM stays down", 60, || {
-        b.get("/alerts")?
-            .as_array()?
-            .iter()
-            .find(|a| a["kind"] == "failover-refused" && a["subject"] == "vm/demo")
-            .cloned()
+        alert_of(&mut b, "failover-refused", "vm/demo")
     });
     assert_eq!(alert["severity"], "critical", "{alert}");
     let msg = alert["message"].as_str().unwrap_or_default();
@@ -1017,8 +1035,7 @@ fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
     // every record it had acknowledged.
     lab(dir.path(), &["start", "pm-a"]);
     until("demo running on pm-a again", 180, || {
-        a.vm("demo")
-            .filter(|v| v["host"] == "pm-a" && v["state"] == "running" && v["pid"].is_number())
+        demo_running_on(&mut a, "pm-a")
     });
     assert!(!b.qemu_alive(&id), "never on both PMs");
     let verdict = guest_answer(
@@ -1115,7 +1132,9 @@ fn draw(rng: &mut Rng) -> Fault {
             secs: 1 + rng.below(8),
         },
         5 | 6 => Fault::SyncCutThenHostKill {
-            secs: 2 + rng.below(5),
+            // Long enough, often, for the host to write alone (the link
+            // must time out first) and so for the refusal path.
+            secs: 2 + rng.below(9),
         },
         _ => Fault::Migrate,
     }
@@ -1372,6 +1391,15 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
             w.acked.load(SeqCst) > before
         });
         if !moving {
+            let tail: Vec<String> = pms[host]
+                .console(&id)
+                .lines()
+                .filter(|l| l.contains("pv-guest:") && !l.contains(" acked "))
+                .rev()
+                .take(3)
+                .map(str::to_string)
+                .collect();
+            log.push(format!("  the guest's last words: {tail:?}"));
             start_writer(&mut pms, host, &w, &mut log);
         }
     }
@@ -1454,12 +1482,8 @@ fn nemesis_seeded_fault_schedules_keep_every_acknowledged_write() {
 /// record it had acknowledged.
 #[test]
 fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_copy() {
-    let dir = Lab(tempfile::tempdir().unwrap());
-    let dir = &dir.0;
-    up(dir.path(), 184);
-    let mut a = Pm::new(dir.path(), "pm-a");
-    let mut b = Pm::new(dir.path(), "pm-b");
-    let id = demo_running_redundant(&mut a);
+    let (lab_dir, mut a, mut b, id) = unit_with_demo(184);
+    let dir = &lab_dir.0;
     a.type_line(&id, "pv write 9 100000");
     let before_cut = until("20 acknowledged writes", 60, || {
         last_acked(&a.console(&id), 9).filter(|n| *n >= 20)
@@ -1475,11 +1499,7 @@ fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_co
     lab(dir.path(), &["kill", "pm-a"]);
     let acked = last_acked(&a.console(&id), 9).unwrap();
     until("failover refused on pm-b", 60, || {
-        b.get("/alerts")?
-            .as_array()?
-            .iter()
-            .find(|a| a["kind"] == "failover-refused")
-            .cloned()
+        alert_of(&mut b, "failover-refused", "")
     });
     // Promote anyway: what is lost is reported.
     let (code, rep) = until("promote anyway accepted", 60, || {
@@ -1504,8 +1524,7 @@ fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_co
         "{rep}"
     );
     until("demo running on pm-b", 120, || {
-        b.vm("demo")
-            .filter(|v| v["host"] == "pm-b" && v["state"] == "running" && v["pid"].is_number())
+        demo_running_on(&mut b, "pm-b")
     });
     let alerts = b.get("/alerts").unwrap();
     assert!(
@@ -1532,13 +1551,10 @@ fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_co
     assert_eq!(sides[1]["pm"], "pm-a", "{view}");
     assert_ne!(sides[0]["generation"], sides[1]["generation"], "{view}");
     assert!(sides[1]["last_write"].is_string(), "{view}");
-    until("split-brain alert", 60, || {
-        b.get("/alerts")?
-            .as_array()?
-            .iter()
-            .find(|a| a["kind"] == "split-brain" && a["severity"] == "critical")
-            .cloned()
+    let alert = until("split-brain alert", 60, || {
+        alert_of(&mut b, "split-brain", "volume/demo-boot")
     });
+    assert_eq!(alert["severity"], "critical", "{alert}");
     // Refused: the wrong confirmation, an unknown PM, the VM still running
     // on the copy that would be overwritten.
     for (body, code, needle) in [
@@ -1586,8 +1602,7 @@ fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_co
     let (c, v) = a.call("POST", "/vms/demo/start", None).unwrap();
     assert!(c < 300, "{v}");
     until("demo running on pm-a", 120, || {
-        a.vm("demo")
-            .filter(|v| v["host"] == "pm-a" && v["state"] == "running" && v["pid"].is_number())
+        demo_running_on(&mut a, "pm-a")
     });
     let verdict = guest_answer(
         &a,
@@ -1600,5 +1615,122 @@ fn promote_anyway_reports_the_loss_and_a_split_brain_is_resolved_by_keeping_a_co
         verdict.contains(&format!("verify ok 9 {}", acked + 1)),
         "{verdict}"
     );
+    lab(dir.path(), &["down"]);
+}
+
+/// Issue 12: a survivor whose replica directory is missing creates an empty
+/// replica (generation 0) when it starts; the takeover must never promote
+/// it (the VM would boot on zeroes). It stays down with the reason, and
+/// runs again on its PM when that PM returns; the empty replica then gets a
+/// full copy.
+#[test]
+fn a_survivor_never_boots_the_vm_on_a_replica_it_created_empty() {
+    let (lab_dir, mut a, mut b, id) = unit_with_demo(182);
+    let dir = &lab_dir.0;
+    a.type_line(&id, "pv write 5 40");
+    until("40 acknowledged writes", 60, || {
+        last_acked(&a.console(&id), 5).filter(|n| *n >= 39)
+    });
+    // Both die at once (pm-b has no time to take over; pm-a none to write
+    // alone and outdate pm-b's replica).
+    lab(dir.path(), &["kill", "pm-a"]);
+    lab(dir.path(), &["kill", "pm-b"]);
+    let replica = b.data.join("storage/default/demo-boot.mirror");
+    assert!(replica.is_dir(), "{}", replica.display());
+    std::fs::remove_dir_all(&replica).unwrap();
+    lab(dir.path(), &["start", "pm-b"]);
+    let alert = until("failover refused on pm-b", 90, || {
+        alert_of(&mut b, "failover-refused", "vm/demo")
+    });
+    assert!(
+        alert["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("never held the volume's data"),
+        "{alert}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        assert!(!b.qemu_alive(&id), "QEMU started on an empty replica");
+        assert_ne!(b.vm("demo").unwrap_or_default()["host"], "pm-b");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    lab(dir.path(), &["start", "pm-a"]);
+    until("demo running on pm-a again", 180, || {
+        demo_running_on(&mut a, "pm-a")
+    });
+    let verdict = guest_answer(&a, &id, "pv verify 5 40", "pv-guest: verify ", 90);
+    assert!(verdict.contains("verify ok 5 40"), "{verdict}");
+    until("pm-b's replica copied in full and in sync", 120, || {
+        volume_in_sync(&mut a, "demo-boot").then_some(())
+    });
+    lab(dir.path(), &["down"]);
+}
+
+/// Issue 12: a live migration hands the disk over only if every volume is
+/// in sync with the destination's replica at switch-over. Here the mirror
+/// connection is killed (in pm-a's namespace, `ss -K`) again and again while
+/// the VM migrates and writes, so the destination's replica keeps falling
+/// behind while the memory stream (another connection) goes on: the
+/// migration is cancelled at switch-over, the VM runs on on pm-a, and no
+/// acknowledged record is lost.
+#[test]
+fn a_migration_is_cancelled_at_switch_over_when_the_disk_is_not_in_sync() {
+    let (lab_dir, mut a, mut b, id) = unit_with_demo(180);
+    let dir = &lab_dir.0;
+    let st: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("lab.json")).unwrap())
+            .unwrap();
+    let ns = format!("{}-a", st["topology"]["prefix"].as_str().unwrap());
+    a.type_line(&id, "pv write 13 100000");
+    until("writes acknowledged", 60, || {
+        last_acked(&a.console(&id), 13).filter(|n| *n >= 10)
+    });
+    // The only volume's replication port (the first one the unit gives).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (stop, ns) = (stop.clone(), ns.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &ns, "ss", "-K", "dport", "=", ":7700"])
+                    .output();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    until("the mirror falls out of sync", 60, || {
+        a.get("/volumes/demo-boot")
+            .filter(|v| v["sync"] != "in_sync")
+    });
+    let (code, v) = a
+        .call("POST", "/vms/demo/migrate", Some(json!({})))
+        .unwrap();
+    assert!(code < 300, "{v}");
+    let m = migration_done(&mut a, "demo", 180);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    killer.join().unwrap();
+    assert_eq!(m["phase"], "failed", "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("switch-over"),
+        "{m}"
+    );
+    let vm = until("demo runs on pm-a", 60, || demo_running_on(&mut a, "pm-a"));
+    assert_eq!(vm["id"], id.as_str());
+    until("in sync again", 120, || {
+        volume_in_sync(&mut a, "demo-boot").then_some(())
+    });
+    let acked = last_acked(&a.console(&id), 13).unwrap();
+    assert!(
+        !b.vm("demo").is_some_and(|v| v["host"] == "pm-b"),
+        "the VM stayed on pm-a"
+    );
+    for pm in [&a, &b] {
+        let miss = missing_records(pm, 13, acked + 1);
+        assert!(miss.is_empty(), "{}: records {miss:?} missing", pm.name);
+    }
     lab(dir.path(), &["down"]);
 }

@@ -270,6 +270,30 @@ export async function confirmAction({ title, text, confirmLabel, danger = true, 
   return r === true;
 }
 
+/**
+ * A confirmation that loses data: the administrator types `expect` (a
+ * name) again. Resolves to what was typed (the server checks it too), or
+ * null when cancelled. The button stays disabled until the text matches.
+ */
+export async function typedConfirm({ title, text, expect, confirmLabel, id }) {
+  const input = h('input', { type: 'text', id: id || 'typed-confirm', autocomplete: 'off', spellcheck: 'false' });
+  const go = h('button', { type: 'submit', class: 'btn danger', disabled: true }, confirmLabel);
+  input.addEventListener('input', () => { go.disabled = input.value !== expect; });
+  const r = await dialog(title, (close) => h('form', {
+    method: 'dialog',
+    onsubmit: (e) => {
+      e.preventDefault();
+      if (input.value === expect) close(input.value);
+    },
+  },
+  h('p', {}, text),
+  field(`Type ${expect} to confirm`, input),
+  h('div', { class: 'actions' },
+    h('button', { type: 'button', class: 'btn', onclick: () => close(null) }, 'Cancel'),
+    go)));
+  return typeof r === 'string' ? r : null;
+}
+
 // ----------------------------------------------------------------- toasts
 
 export function toast(text, kind = 'info') {

@@ -2,7 +2,7 @@
 // volumes, networks, CD drives, statistics, audit. Live.
 
 import { api } from '../api.js';
-import { h, mount, stateBadge, syncBadge, fmtMiB, fmtBytes, timeEl, table, emptyState, errorBox, toast, dialog, field } from '../ui.js';
+import { h, mount, stateBadge, syncBadge, fmtMiB, fmtBytes, timeEl, table, emptyState, errorBox, toast, dialog, field, typedConfirm } from '../ui.js';
 import { store, can, roleNeeded, refresh, navigate, inUnit, thisPm } from '../app.js';
 import { opButtons, errorSlot } from '../vmops.js';
 import { migrationPanel } from '../migration.js';
@@ -61,9 +61,47 @@ export async function render(main, ctx) {
     }
   });
   const panel = h('section', { role: 'tabpanel', id: 'tabpanel', 'aria-labelledby': `tab-${tab}`, tabindex: '0' });
+  // U6: a VM that failover refused to restart on a replica that may be
+  // behind says why, and offers the administrator's "promote anyway".
+  const stranded = h('div', { id: 'vm-stranded' });
+  const drawStranded = () => {
+    const a = (store.alerts || []).find((x) => x.kind === 'failover-refused' && x.subject === `vm/${name}`);
+    if (!a) {
+      mount(stranded);
+      return;
+    }
+    const promote = async () => {
+      const typed = await typedConfirm({
+        title: `Promote ${name} anyway?`,
+        text: `${name} restarts on this PM (${thisPm() || 'this PM'}) from replicas that miss writes its failed host acknowledged. Those writes are lost. Do this only if the failed PM is gone for good.`,
+        expect: name,
+        confirmLabel: 'Promote anyway and lose the writes',
+        id: 'promote-confirm',
+      });
+      if (typed === null) return;
+      try {
+        const rep = await api('POST', `/vms/${enc(name)}/promote-anyway`, { confirm: typed });
+        const lost = rep.volumes.map((l) => `${l.volume}: ${l.last_in_sync ? `writes after ${new Date(l.last_in_sync * 1000).toLocaleString()} on ${l.newer_data_on} are lost` : (l.refused_because || 'complete')}`).join('; ');
+        toast(`${name} promoted on ${rep.host}. ${lost}`, 'error');
+        refresh('vms');
+        refresh('alerts');
+      } catch (e) {
+        errors.show(e);
+      }
+    };
+    mount(stranded, h('section', { class: 'card danger-card', id: 'vm-stranded-card', role: 'alert' },
+      h('h2', {}, 'This VM stays down: failover refused'),
+      h('p', {}, a.message),
+      h('p', { class: 'small' }, a.action),
+      can('administer')
+        ? h('button', { type: 'button', class: 'btn danger', id: 'promote-anyway', onclick: promote }, 'Promote anyway…')
+        : h('p', { class: 'small muted' }, `Promote anyway ${roleNeeded('administer')}.`)));
+  };
+  drawStranded();
+  ctx.on('alerts', drawStranded);
   // The migration panel (M2): follows a migration of this VM when one runs.
   const mig = inUnit() ? migrationPanel(name, { showId: ctx.query.get('migration') }) : null;
-  mount(main, h('a', { href: '#/vms', class: 'back' }, '← Virtual Machines'), header, errors.el, mig ? mig.el : null, tabs, panel);
+  mount(main, h('a', { href: '#/vms', class: 'back' }, '← Virtual Machines'), header, stranded, errors.el, mig ? mig.el : null, tabs, panel);
   if (mig) {
     mig.poll();
     ctx.onLeave(() => mig.stop());

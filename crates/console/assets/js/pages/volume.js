@@ -3,8 +3,8 @@
 // advice. Polled every 2 s (every second while a resync runs).
 
 import { api } from '../api.js';
-import { h, mount, remount, fmtBytes, fmtRate, fmtSecs, errorBox, syncBadge, emptyState } from '../ui.js';
-import { inUnit } from '../app.js';
+import { h, mount, remount, fmtBytes, fmtRate, fmtSecs, errorBox, syncBadge, emptyState, typedConfirm, toast, table } from '../ui.js';
+import { inUnit, can, roleNeeded } from '../app.js';
 import { resyncProgress, syncHelp } from './volumes.js';
 
 export const help = 'volume';
@@ -70,6 +70,59 @@ function statsCard(v) {
     h('p', { class: 'hint' }, 'Every write waits for one round trip on the sync link. A faster link helps only workloads that both move a lot of data and do so in large writes; reads never cross the link.'));
 }
 
+/**
+ * S4: a split-brain volume's two copies side by side, with "Keep this
+ * copy" (typed confirmation). The view comes from the volume's primary PM.
+ */
+function splitBrainCard(name, sb, onDone) {
+  if (!sb) return null;
+  if (!sb.split_brain) {
+    return sb.resolving_keep
+      ? h('section', { class: 'card', id: 'volume-split-brain' }, h('h2', {}, 'Split brain'),
+        h('p', {}, `Resolving: keeping ${sb.resolving_keep}'s copy; the other is being resynced from it, then both are verified.`))
+      : null;
+  }
+  const keep = async (pm) => {
+    const typed = await typedConfirm({
+      title: `Keep ${pm}'s copy of ${name}?`,
+      text: `The other copy's independent writes are discarded: it is overwritten from ${pm}'s copy, then both are verified.`,
+      expect: name,
+      confirmLabel: `Keep ${pm}'s copy`,
+      id: 'resolve-confirm',
+    });
+    if (typed === null) return;
+    try {
+      await api('POST', `/volumes/${enc(name)}/resolve`, { keep: pm, confirm: typed });
+      toast(`Keeping ${pm}'s copy of ${name}: resyncing the other copy from it.`);
+      onDone();
+    } catch (e) {
+      toast(e.message, 'error');
+    }
+  };
+  return h('section', { class: 'card danger-card', id: 'volume-split-brain', role: 'alert' },
+    h('h2', {}, 'Split brain: both copies were written independently'),
+    table({
+      caption: 'The two copies',
+      columns: [
+        { label: 'PM', value: (s) => s.pm },
+        { label: 'Role', value: (s) => s.role },
+        { label: 'Generation', value: (s) => h('code', {}, s.generation) },
+        { label: 'Complete', value: (s) => (s.consistent ? 'yes' : 'no (interrupted resync)') },
+        { label: 'Written alone', value: (s) => `${s.dirty_regions} regions (${fmtBytes(s.dirty_bytes)})` },
+        { label: 'Last write', value: (s) => s.last_write || 'unknown' },
+        {
+          label: 'Decision',
+          value: (s) => (can('administer')
+            ? h('button', { type: 'button', class: 'btn danger', 'data-keep': s.pm, onclick: () => keep(s.pm) }, 'Keep this copy…')
+            : h('span', { class: 'small muted' }, roleNeeded('administer'))),
+        },
+      ],
+      rows: sb.sides,
+      empty: h('p', {}, 'The partner has not described its copy yet.'),
+    }),
+    h('p', { class: 'small' }, sb.choices));
+}
+
 export async function render(main, ctx) {
   const name = ctx.params.name;
   const body = h('div', {});
@@ -82,11 +135,14 @@ export async function render(main, ctx) {
     clearTimeout(timer);
   });
 
-  const draw = (v) => {
+  const draw = (v, sb) => {
     const r = v.replica;
     const running = r && r.resync;
     remount(body,
       h('p', { class: 'subtitle volume-sync' }, syncBadge(v.sync), ' ', syncHelp(v.sync)),
+      v.outdated ? h('p', { class: 'health bad', id: 'volume-outdated' },
+        `The replica on ${v.outdated.pm} is outdated: ${v.outdated.by} acknowledged writes without it after ${new Date(v.outdated.since).toLocaleString()}. It is never promoted automatically; it catches up when the pair is in sync again.`) : null,
+      splitBrainCard(name, sb, () => load()),
       h('div', { class: 'cards two' },
         h('section', { class: 'card' }, h('h2', {}, 'Volume'), dl([
           ['Size', fmtBytes(v.size_bytes)],
@@ -125,7 +181,11 @@ export async function render(main, ctx) {
     let v = null;
     try {
       v = await api('GET', `/volumes/${enc(name)}`);
-      draw(v);
+      let sb = null;
+      if (v.sync === 'split_brain' || (v.replica && v.replica.link && v.replica.link.state === 'split_brain')) {
+        sb = await api('GET', `/volumes/${enc(name)}/split-brain`).catch(() => null);
+      }
+      draw(v, sb);
     } catch (e) {
       remount(body, errorBox(e));
       if (e.status === 404) return;
