@@ -1260,8 +1260,11 @@ impl Volume {
                     if up.elapsed() > Duration::from_secs(2) {
                         backoff = Duration::from_millis(100);
                     } else {
-                        let n = self.changed.notified();
-                        let _ = tokio::time::timeout(backoff, n).await;
+                        // A plain sleep: `changed` fires on every link loss
+                        // and lease change, which would turn a flapping
+                        // link into a tight reconnect-and-resync loop. A
+                        // role or partner change aborts this task anyway.
+                        tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                 }
