@@ -1110,7 +1110,8 @@ enum Fault {
     Cut { link: &'static str, secs: u64 },
     /// SIGSTOP a PM's daemon for `secs`.
     Freeze { pm: &'static str, secs: u64 },
-    /// Cut the sync link, let the host write alone for `secs`, kill it.
+    /// Cut the sync link, let the host write alone (`secs` more once it
+    /// does), kill it.
     SyncCutThenHostKill { secs: u64 },
     /// Live-migrate the VM to the other PM.
     Migrate,
@@ -1132,9 +1133,8 @@ fn draw(rng: &mut Rng) -> Fault {
             secs: 1 + rng.below(8),
         },
         5 | 6 => Fault::SyncCutThenHostKill {
-            // Long enough, often, for the host to write alone (the link
-            // must time out first) and so for the refusal path.
-            secs: 2 + rng.below(9),
+            // How long the host goes on alone once it does.
+            secs: rng.below(5),
         },
         _ => Fault::Migrate,
     }
@@ -1305,7 +1305,18 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                 w.excused.store(false, SeqCst);
             }
             Fault::SyncCutThenHostKill { secs } => {
+                let before = w.acked.load(SeqCst);
                 lab(dir.path(), &["cut", "private"]);
+                // A real double fault: the host acknowledges writes alone
+                // (the sync link must time out first), then dies.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while w.acked.load(SeqCst) < before + 5 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                log.push(format!(
+                    "  {} records acknowledged with the sync link cut",
+                    w.acked.load(SeqCst).saturating_sub(before)
+                ));
                 std::thread::sleep(Duration::from_secs(*secs));
                 let h = pms[host].name;
                 lab(dir.path(), &["kill", h]);
@@ -1346,6 +1357,16 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
             violations.push(format!("step {step}: liveness — the VM did not run again"));
             break;
         };
+        let (s, acked) = (w.seed.load(SeqCst), w.acked.load(SeqCst));
+        let miss = missing_records(&pms[host], s, acked);
+        if !miss.is_empty() {
+            violations.push(format!(
+                "step {step}: acknowledged records {miss:?} of seed {s} (of {acked}) missing on \
+                 the primary {}",
+                pms[host].name
+            ));
+            break;
+        }
         let ok = (0..600).any(|_| {
             let s = volume_in_sync(&mut pms[host], "demo-boot");
             if !s {
@@ -1358,15 +1379,6 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                 "step {step}: demo-boot not in sync again within 180 s"
             ));
             break;
-        }
-        let (s, acked) = (w.seed.load(SeqCst), w.acked.load(SeqCst));
-        let miss = missing_records(&pms[host], s, acked);
-        if !miss.is_empty() {
-            violations.push(format!(
-                "step {step}: acknowledged records {miss:?} of seed {s} (of {acked}) missing on \
-                 the primary {}",
-                pms[host].name
-            ));
         }
         let other = 1 - host;
         let miss = missing_records(&pms[other], s, acked);
