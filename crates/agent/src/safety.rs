@@ -407,7 +407,8 @@ impl Agent {
             ),
             &format!(
                 "When {host} comes back its replicas are split-brain or behind: resolve each \
-                 volume keeping {me}'s copy (Volumes → Resolve) after saving anything needed \
+                 volume keeping {me}'s copy (`pairvisor volume resolve VOLUME --keep {me} \
+                 --yes`, or Keep this copy on the volume's page) after saving anything needed \
                  from {host}"
             ),
         );

@@ -112,10 +112,10 @@ impl Agent {
         }
         let choices = if split {
             format!(
-                "Keep one copy: `pairvisor volume resolve {volume} --keep PM --yes` (or Volumes → \
-                 Resolve in the console). The other copy's independent writes are discarded; it \
-                 is resynced from the kept one and both are verified. Keeping the copy of the PM \
-                 that is not primary ({}) needs the VM stopped first",
+                "Keep one copy: `pairvisor volume resolve {volume} --keep PM --yes` (or \"Keep \
+                 this copy\" on the volume's page in the console). The other copy's independent \
+                 writes are discarded; it is resynced from the kept one and both are verified. \
+                 Keeping the copy of the PM that is not primary ({}) needs the VM stopped first",
                 m.primary
             )
         } else {

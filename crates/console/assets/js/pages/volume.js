@@ -3,7 +3,7 @@
 // advice. Polled every 2 s (every second while a resync runs).
 
 import { api } from '../api.js';
-import { h, mount, remount, fmtBytes, fmtRate, fmtSecs, errorBox, syncBadge, emptyState, typedConfirm, toast, table } from '../ui.js';
+import { h, mount, remount, fmtBytes, fmtRate, fmtSecs, errorBox, syncBadge, emptyState, typedConfirm, toast, table, plural } from '../ui.js';
 import { inUnit, can, roleNeeded } from '../app.js';
 import { resyncProgress, syncHelp } from './volumes.js';
 
@@ -21,7 +21,7 @@ function linkText(link) {
     case 'connecting': return `connecting to the partner${link.last_error ? ` (last error: ${link.last_error})` : ''}`;
     case 'resyncing': return 'connected, copying the regions the partner lacks';
     case 'in_sync': return 'connected and in sync: every write goes to both replicas';
-    case 'split_brain': return `split brain (${link.relation || 'diverged'}): replication refused until a decision names the replica to keep`;
+    case 'split_brain': return `split brain (${(link.relation && link.relation.relation ? link.relation.relation : link.relation) || 'diverged'}): replication refused until a decision names the replica to keep`;
     case 'waiting': return 'secondary, waiting for the primary';
     case 'replicating': return `secondary, receiving from ${link.primary} (epoch ${link.epoch})`;
     default: return link.state;
@@ -108,7 +108,7 @@ function splitBrainCard(name, sb, onDone) {
         { label: 'Role', value: (s) => s.role },
         { label: 'Generation', value: (s) => h('code', {}, s.generation) },
         { label: 'Complete', value: (s) => (s.consistent ? 'yes' : 'no (interrupted resync)') },
-        { label: 'Written alone', value: (s) => `${s.dirty_regions} regions (${fmtBytes(s.dirty_bytes)})` },
+        { label: 'Written alone', value: (s) => `${plural(s.dirty_regions, 'region')} (${fmtBytes(s.dirty_bytes)})` },
         { label: 'Last write', value: (s) => s.last_write || 'unknown' },
         {
           label: 'Decision',
