@@ -556,6 +556,15 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         "invalid_input",
         "IANA",
     );
+    refused(
+        &d,
+        "PATCH",
+        "/settings",
+        Some(json!({"resync_rate_mbps": 200_000})),
+        400,
+        "invalid_input",
+        "resync_rate_mbps",
+    );
 
     // Users.
     refused(
@@ -728,6 +737,9 @@ const ROUTES: &[(&str, &str, &str)] = &[
     ("POST", "/vms/{name}/migration/remedy", "operator"),
     ("POST", "/vms/{name}/migration/estimate", "read_only"),
     ("POST", "/vms/{name}/reset-device", "operator"),
+    ("POST", "/vms/{name}/promote-anyway", "administrator"),
+    ("GET", "/volumes/{name}/split-brain", "read_only"),
+    ("POST", "/volumes/{name}/resolve", "administrator"),
     ("POST", "/vms/{name}/boot-from-cd", "operator"),
     ("PUT", "/vms/{name}/cd", "operator"),
     ("DELETE", "/vms/{name}/cd", "operator"),
