@@ -114,10 +114,11 @@ struct Inner {
     migrations: migrate::Migrations,
     /// Last redundancy verdict per VM (unit mode), to alert on changes.
     redundancy: StdMutex<HashMap<String, Option<String>>>,
-    /// Unit mode: this PM has passed a read barrier since it last held no
-    /// lease, so its records are current enough to promote replicas and
-    /// start VMs on (a fenced PM's return must not act on old records).
-    caught_up: std::sync::atomic::AtomicBool,
+    /// Unit mode: 1 + the lease term in which this PM last passed a read
+    /// barrier (0: never), so that it promotes replicas and starts VMs only
+    /// on records current for this term (a fenced PM's return must not act
+    /// on old records).
+    caught_up_term: std::sync::atomic::AtomicU64,
 }
 
 /// The agent of one PM. Cheap to clone.
@@ -179,7 +180,7 @@ impl Agent {
                 mirror_ops: Mutex::new(()),
                 migrations: Default::default(),
                 redundancy: Default::default(),
-                caught_up: std::sync::atomic::AtomicBool::new(false),
+                caught_up_term: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         agent.ensure_default_group()?;

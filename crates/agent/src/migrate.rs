@@ -733,6 +733,21 @@ impl Agent {
     async fn take_back(&self, mrec: &MigrationRecord) {
         let me = mrec.source.clone();
         let r = self.store().write(|tx| {
+            // The destination may have written alone after the hand-over
+            // (and recorded this PM's replicas as outdated): then the VM
+            // stays there rather than moving back onto a replica behind.
+            if let Some(vm) = tx.get::<pairvisor_store::VmRecord>(&mrec.vm)? {
+                for n in vm.volumes() {
+                    let v = tx.get::<pairvisor_store::VolumeRecord>(n)?;
+                    let o = v.and_then(|v| v.mirror).and_then(|m| m.outdated);
+                    if o.is_some_and(|o| o.pm == me) {
+                        return Err(AgentError::Conflict(format!(
+                            "volume {n} on {me} is outdated: the VM stays on {}",
+                            mrec.dest
+                        )));
+                    }
+                }
+            }
             crate::unit::hand_vm_to(tx, &mrec.vm, &me)?;
             Ok::<_, AgentError>(())
         });

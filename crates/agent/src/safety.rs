@@ -21,7 +21,12 @@ use tracing::{info, warn};
 
 /// Why a replica on this PM may not be promoted automatically (None: it may).
 pub(crate) fn refusal(agent: &Agent, me: &str, v: &VolumeRecord) -> Option<String> {
-    let m = v.mirror.as_ref()?;
+    let Some(m) = v.mirror.as_ref() else {
+        return Some(format!(
+            "volume {} is not mirrored: its only copy is on the failed PM",
+            v.name
+        ));
+    };
     if let Some(o) = m.outdated.as_ref().filter(|o| o.pm == me) {
         return Some(format!(
             "volume {}: the replica on {me} is outdated — {} acknowledged writes without it \
@@ -105,30 +110,34 @@ pub struct LossReport {
     pub newer_data_on: Option<String>,
 }
 
-fn fenced_partner(agent: &Agent, partner: &str) -> Result<()> {
+/// The partner's fence key, once it is fenced with its lease certainly
+/// expired (a precondition of promote anyway).
+fn fenced_partner(agent: &Agent, partner: &str) -> Result<(String, String)> {
     let u = agent
         .unit()
         .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
-    if !u.partner_fenced_long_enough() {
+    let key = u.partner_fence_key();
+    if !u.partner_fenced_long_enough() || key.is_none() {
         return Err(AgentError::Conflict(format!(
             "PM {partner} is not fenced with its lease certainly expired: promoting here could \
              run the VM on both PMs. Wait until the failover has fenced it (it must be silent \
              on every link), or bring it back"
         )));
     }
-    Ok(())
+    key.ok_or_else(|| AgentError::Conflict("the partner is unknown".into()))
 }
 
 impl Agent {
     /// The mirror's outdate-peer step for `volume` (see the module doc).
-    /// Ok without a commit when the unit has no second PM (nothing to
-    /// outdate).
-    pub(crate) fn outdate_partner(&self, volume: &str, epoch: u64) -> Result<()> {
+    /// `Ok(false)` without a commit when the unit has no second PM (nothing
+    /// to outdate) — known, not assumed: a unit database that cannot say
+    /// is an error, and the write waits.
+    pub(crate) fn outdate_partner(&self, volume: &str, epoch: u64) -> Result<bool> {
         let u = self
             .unit()
             .ok_or_else(|| AgentError::Conflict("this PM is not in a unit".into()))?;
-        let Some(partner) = u.partner() else {
-            return Ok(());
+        let Some(partner) = u.partner_checked().map_err(AgentError::Conflict)? else {
+            return Ok(false);
         };
         if !u.holds_lease() {
             return Err(AgentError::Conflict("this PM holds no lease".into()));
@@ -169,7 +178,7 @@ impl Agent {
             Ok(())
         })?;
         warn!(volume, partner = %partner.name, epoch, "partner's replica recorded as outdated");
-        Ok(())
+        Ok(true)
     }
 
     /// The volumes the unit database makes this PM the primary of, with
@@ -195,12 +204,19 @@ impl Agent {
     pub(crate) async fn clear_outdated_marks(&self) {
         let Some(me) = self.pm_name() else { return };
         for (v, open) in self.my_primaries() {
-            let Some(m) = v.mirror.as_ref().filter(|m| m.outdated.is_some()) else {
-                continue;
-            };
-            if open.vol.status().link != LinkState::InSync {
+            let st = open.vol.status();
+            if st.link != LinkState::InSync {
                 continue;
             }
+            let Some(m) = v.mirror.as_ref().filter(|m| m.outdated.is_some()) else {
+                // No mark, yet the mirror believes one is recorded (it was
+                // dropped elsewhere): forget it, so that the next degraded
+                // period records the partner again.
+                if st.peer_outdated {
+                    let _ = open.vol.clear_peer_outdated(async { Ok(()) }).await;
+                }
+                continue;
+            };
             let epoch = m.epoch;
             let name = v.name.clone();
             let agent = self.clone();
@@ -342,7 +358,7 @@ impl Agent {
                 "VM '{vm}' is already hosted by {me}: nothing to promote"
             )));
         }
-        fenced_partner(self, &host)?;
+        let (ftable, fkey) = fenced_partner(self, &host)?;
         let mut report = PromoteAnywayReport {
             vm: vm.to_string(),
             host: me.clone(),
@@ -369,6 +385,14 @@ impl Agent {
                 return Err(AgentError::Conflict(format!(
                     "VM '{vm}' moved meanwhile (now hosted by {}); nothing done",
                     cur.host.as_deref().unwrap_or("?")
+                )));
+            }
+            // Still fenced at the commit (a precondition): an unfence racing
+            // with this would let both PMs run the VM.
+            if !tx.exists_raw(&ftable, &fkey)? {
+                return Err(AgentError::Conflict(format!(
+                    "PM {host} was unfenced meanwhile (it is back): it runs {vm} with its data; \
+                     nothing done"
                 )));
             }
             crate::unit::hand_vm_to(tx, vm, &me)?;
@@ -414,6 +438,27 @@ impl Agent {
         );
         warn!(vm, host = %me, "promoted anyway: the administrator accepted data loss");
         Ok(report)
+    }
+
+    /// After a forced promotion: the administrator's acceptance applied once,
+    /// not to a later promotion of the same volume.
+    pub(crate) fn accepted_loss_done(&self, volume: &str, epoch: u64) {
+        let r = self.store().write(|tx| {
+            if let Some(mut v) = tx.get::<VolumeRecord>(volume)? {
+                if let Some(m) = v
+                    .mirror
+                    .as_mut()
+                    .filter(|m| m.epoch == epoch && m.accept_loss)
+                {
+                    m.accept_loss = false;
+                    tx.put(&v)?;
+                }
+            }
+            Ok::<_, AgentError>(())
+        });
+        if let Err(e) = r {
+            warn!(volume, "cannot record the forced promotion as done: {e}");
+        }
     }
 
     /// Kills QEMU processes here whose VM the unit database hosts on the

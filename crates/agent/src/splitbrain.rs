@@ -196,15 +196,34 @@ impl Agent {
                         if let Some(m) = cur.mirror.as_mut() {
                             m.primary = keep.clone();
                             m.epoch += 1;
+                            m.accept_loss = false;
                         }
                         tx.put(&cur)?;
                     }
                 }
                 cur = tx.get::<VolumeRecord>(volume)?.unwrap_or(cur);
             }
+            let loser = if keep == me {
+                partner.clone()
+            } else {
+                me.clone()
+            };
             if let Some(m) = cur.mirror.as_mut() {
                 m.keep = Some(keep.clone());
-                m.outdated = None;
+                // The copy being overwritten is behind from now on: never
+                // promoted automatically until the pair is in sync again
+                // (the kept side's primary clears the mark then).
+                let since = m
+                    .outdated
+                    .as_ref()
+                    .filter(|o| o.pm == loser)
+                    .map_or(crate::now(), |o| o.since);
+                m.outdated = Some(pairvisor_store::Outdated {
+                    pm: loser.clone(),
+                    by: keep.clone(),
+                    epoch: m.epoch,
+                    since,
+                });
             }
             tx.put(&cur)?;
             Ok::<_, AgentError>(())

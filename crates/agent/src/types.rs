@@ -436,6 +436,9 @@ pub(crate) fn warning_texts(w: &[Warning]) -> Vec<String> {
 
 /// `secs` (since the Unix epoch) as an RFC 3339 UTC time, for messages.
 pub(crate) fn iso_time(secs: u64) -> String {
+    // Clamped below the year 10000, which RFC 3339 cannot write (the value
+    // may come from a file's time or the partner's handshake).
+    let secs = secs.min(253_402_300_799);
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
         .to_string()
 }

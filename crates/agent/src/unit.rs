@@ -69,6 +69,14 @@ pub trait UnitLink: Send + Sync {
     /// The unit database table and key whose presence means "this PM is
     /// fenced" (a precondition of the outdate-peer commit).
     fn fence_key(&self) -> (String, String);
+    /// The key whose presence means "the partner is fenced".
+    fn partner_fence_key(&self) -> Option<(String, String)>;
+    /// The partner, or an error when the unit database cannot say (never
+    /// "no partner" by mistake).
+    fn partner_checked(&self) -> std::result::Result<Option<PartnerLink>, String>;
+    /// This PM's lease term (see `LeaseKeeper::term`): a read barrier holds
+    /// only for the term it was passed in.
+    fn lease_term(&self) -> u64;
     /// Whether the partner is fenced and its lease has certainly expired
     /// (lease + drift margin since the fence), so that nothing of it can
     /// still run or write.
@@ -171,11 +179,15 @@ impl Agent {
     /// a unit always; in a unit once it passed a read barrier since it last
     /// held no lease.
     pub(crate) fn is_caught_up(&self) -> bool {
-        self.unit().is_none()
-            || self
+        let Some(u) = self.unit() else { return true };
+        // Passed in this very lease term: a lease lost and regained between
+        // two ticks needs a new barrier.
+        u.holds_lease()
+            && self
                 .inner
-                .caught_up
+                .caught_up_term
                 .load(std::sync::atomic::Ordering::SeqCst)
+                == u.lease_term() + 1
     }
 
     /// After (re)gaining the lease: a read barrier, so that a PM that was
@@ -183,21 +195,19 @@ impl Agent {
     /// takeover it missed, a new epoch).
     async fn catch_up(&self) {
         let Some(u) = self.unit() else { return };
-        if !u.holds_lease() {
-            self.inner
-                .caught_up
-                .store(false, std::sync::atomic::Ordering::SeqCst);
+        if !u.holds_lease() || self.is_caught_up() {
             return;
         }
-        if self.is_caught_up() {
-            return;
-        }
+        let term = u.lease_term();
         match u.read_barrier().await {
             Ok(()) => {
-                info!("caught up with the unit database: replicas and VMs may start here");
+                info!(
+                    term,
+                    "caught up with the unit database: replicas and VMs may start here"
+                );
                 self.inner
-                    .caught_up
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
+                    .caught_up_term
+                    .store(term + 1, std::sync::atomic::Ordering::SeqCst);
             }
             Err(e) => warn!("cannot catch up with the unit database yet: {e}"),
         }
@@ -319,7 +329,7 @@ impl Agent {
         let rate = self
             .store()
             .settings()
-            .map(|s| s.resync_rate_mbps * 1_000_000)
+            .map(|s| s.resync_rate_mbps.saturating_mul(1_000_000))
             .unwrap_or(0);
         for v in &volumes {
             let Some(m) = &v.mirror else { continue };
@@ -339,11 +349,21 @@ impl Agent {
                     if !self.is_caught_up() {
                         continue;
                     }
+                    // Never promote a replica recorded as behind, whatever
+                    // path made this PM primary, unless the administrator
+                    // accepted the loss.
+                    if m.outdated.as_ref().is_some_and(|o| o.pm == me) && !m.accept_loss {
+                        warn!(volume = %v.name, "not promoting the local replica: it is outdated");
+                        continue;
+                    }
                     let r = if open.vol.replica().meta().epoch == m.epoch {
                         open.vol.resume_primary(m.epoch)
                     } else {
                         open.vol.promote(m.epoch, m.accept_loss).await
                     };
+                    if r.is_ok() && m.accept_loss {
+                        self.accepted_loss_done(&v.name, m.epoch);
+                    }
                     match r {
                         Ok(()) => info!(volume = %v.name, epoch = m.epoch, "replica is primary"),
                         Err(e) => {
@@ -615,6 +635,7 @@ impl Agent {
                 }) {
                     m.primary = me.clone();
                     m.epoch += 1;
+                    m.accept_loss = false;
                     t.volumes.push(v.name.clone());
                     tx.put(&v)?;
                 }

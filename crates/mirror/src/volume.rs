@@ -142,8 +142,10 @@ pub struct PeerSide {
 /// it returns `Ok`; while it fails, writes are held, never acknowledged. In
 /// a unit it is a Raft commit guarded by "this PM holds its lease and is not
 /// fenced", so a replica that may be behind is never promoted silently.
+/// `Ok(true)`: recorded; `Ok(false)`: there is no partner replica to
+/// outdate (asked again at the next degraded write).
 pub type PeerOutdater = Arc<
-    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>
+    dyn Fn(u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>
         + Send
         + Sync,
 >;
@@ -936,9 +938,10 @@ impl Volume {
             return Ok(());
         }
         let epoch = self.replica.meta().epoch;
-        f(epoch).await?;
-        self.lock().peer_outdated = true;
-        tracing::warn!(epoch, "partner's replica recorded as outdated");
+        if f(epoch).await? {
+            self.lock().peer_outdated = true;
+            tracing::warn!(epoch, "partner's replica recorded as outdated");
+        }
         Ok(())
     }
 
@@ -1119,6 +1122,7 @@ impl Volume {
             return;
         }
         st.partner = addr;
+        st.peer_outdated = false;
         if let Some(l) = st.link.take() {
             l.close("partner changed");
         }
@@ -1164,6 +1168,8 @@ impl Volume {
     /// A status snapshot.
     pub fn status(&self) -> Status {
         let meta = self.replica.meta();
+        // A stat(2): not under the volume's lock.
+        let last_write_unix = self.replica.last_write_unix();
         let st = self.lock();
         let s = &self.stats;
         let write_ops = s.write_ops.load(Ordering::Relaxed);
@@ -1195,7 +1201,7 @@ impl Volume {
                 && !matches!(st.link_state, LinkState::InSync | LinkState::Resyncing),
             writes_held: st.writes_held,
             peer_outdated: st.peer_outdated,
-            last_write_unix: self.replica.last_write_unix(),
+            last_write_unix,
             split_brain_peer: st.split_peer.clone(),
             dirty_regions: self.replica.dirty_count(),
             resync,
@@ -1308,6 +1314,9 @@ impl Volume {
             }
             st.link = Some(link.clone());
             st.rotated = false;
+            // The next degraded period records the partner again (its mark
+            // may be cleared once in sync; a repeated mark is harmless).
+            st.peer_outdated = false;
             st.split_peer = None;
             st.link_state = LinkState::Resyncing;
         }
@@ -2553,7 +2562,7 @@ mod tests {
             let ok = a2.load(Ordering::SeqCst);
             Box::pin(async move {
                 if ok {
-                    Ok(())
+                    Ok(true)
                 } else {
                     Err("no quorum".to_string())
                 }
@@ -2598,5 +2607,43 @@ mod tests {
         let cleared = v.clear_peer_outdated(async { Ok(()) }).await.unwrap();
         assert!(!cleared);
         assert!(v.status().peer_outdated);
+    }
+
+    /// An outdater that finds no partner replica to outdate (a unit of one
+    /// PM so far) lets the write through but records nothing: it is asked
+    /// again at the next degraded write, so that a partner that joined
+    /// meanwhile is recorded before a write is acknowledged without it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_to_outdate_is_asked_again() {
+        let d = tempfile::tempdir().unwrap();
+        let v = simplex(d.path());
+        let calls = Arc::new(AtomicU64::new(0));
+        let partner = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c2, p2) = (calls.clone(), partner.clone());
+        v.set_peer_outdater(Arc::new(move |_| {
+            c2.fetch_add(1, Ordering::SeqCst);
+            let there = p2.load(Ordering::SeqCst);
+            Box::pin(async move { Ok(there) })
+        }));
+        v.promote(2, false).await.unwrap();
+        v.write(0, vec![1u8; 4096], true).await.unwrap();
+        v.write(4096, vec![2u8; 4096], true).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "asked at every write");
+        assert!(!v.status().peer_outdated);
+        partner.store(true, Ordering::SeqCst);
+        v.write(8192, vec![3u8; 4096], true).await.unwrap();
+        v.write(8192, vec![4u8; 4096], true).await.unwrap();
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            3,
+            "recorded once, then not asked"
+        );
+        assert!(v.status().peer_outdated);
+        // A new partner address: recorded afresh at the next degraded write.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead = l.local_addr().unwrap().to_string();
+        drop(l);
+        v.set_partner(Some(dead));
+        assert!(!v.status().peer_outdated);
     }
 }

@@ -104,14 +104,19 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
             partner_holds: plan.as_ref().map_or(0, |p| p.held),
             partner_promotable: plan.as_ref().map_or(0, |p| p.promotable()),
         };
-        let refused = plan.as_ref().map(|p| p.refused.clone()).unwrap_or_default();
+        // A planned absence (maintenance, unit shutdown) strands nothing.
+        let refused = plan
+            .as_ref()
+            .filter(|_| !view.planned)
+            .map(|p| p.refused.clone())
+            .unwrap_or_default();
         if refused != refused_shown {
-            if let Some(p) = &plan {
-                agent.alert_stranded(&name, p);
-                agent.clear_stranded(p);
-            } else {
-                agent.clear_stranded(&Default::default());
-            }
+            let shown = pairvisor_agent::TakeoverPlan {
+                refused: refused.clone(),
+                ..Default::default()
+            };
+            agent.alert_stranded(&name, &shown);
+            agent.clear_stranded(&shown);
             refused_shown = refused;
         }
         match failover(view, timing) {

@@ -58,14 +58,7 @@ impl UnitLink for PmLink {
     }
 
     fn partner(&self) -> Option<PartnerLink> {
-        UnitService::pms_of(&self.db)
-            .into_iter()
-            .find(|p| p.node_id != self.db.node_id())
-            .map(|p| PartnerLink {
-                name: p.addrs.name.clone(),
-                repl_host: host_of(&p.addrs.private_hb),
-                tls_name: pairvisor_unitdb::node_name(p.node_id),
-            })
+        self.partner_checked().ok().flatten()
     }
 
     fn repl_host(&self) -> String {
@@ -98,6 +91,34 @@ impl UnitLink for PmLink {
             pairvisor_unitdb::FENCES_TABLE.to_string(),
             self.db.node_id().to_string(),
         )
+    }
+
+    fn partner_fence_key(&self) -> Option<(String, String)> {
+        UnitService::pms_of(&self.db)
+            .into_iter()
+            .find(|p| p.node_id != self.db.node_id())
+            .map(|p| {
+                (
+                    pairvisor_unitdb::FENCES_TABLE.to_string(),
+                    p.node_id.to_string(),
+                )
+            })
+    }
+
+    fn partner_checked(&self) -> Result<Option<PartnerLink>, String> {
+        UnitService::try_pms_of(&self.db).map(|pms| {
+            pms.into_iter()
+                .find(|p| p.node_id != self.db.node_id())
+                .map(|p| PartnerLink {
+                    name: p.addrs.name.clone(),
+                    repl_host: host_of(&p.addrs.private_hb),
+                    tls_name: pairvisor_unitdb::node_name(p.node_id),
+                })
+        })
+    }
+
+    fn lease_term(&self) -> u64 {
+        self.lease.term()
     }
 
     fn partner_fenced_long_enough(&self) -> bool {

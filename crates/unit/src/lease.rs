@@ -99,6 +99,10 @@ struct Shared {
     tx: watch::Sender<bool>,
     voters: Mutex<BTreeMap<NodeId, VoterEntry>>,
     needed: AtomicU64,
+    /// How many times the lease was (re)acquired after not being held:
+    /// whoever acted on the unit's records under an earlier term must
+    /// catch up again.
+    terms: AtomicU64,
 }
 
 impl Shared {
@@ -132,8 +136,12 @@ impl Shared {
     /// Extends the lease to `sent + lease_ms` (never shortens it).
     fn extend_from(&self, sent: BootInstant) {
         let end = sent + Duration::from_millis(self.timing.lease_ms);
-        self.deadline_us
-            .fetch_max(end.since_boot().as_micros() as u64, Ordering::AcqRel);
+        let end_us = end.since_boot().as_micros() as u64;
+        let now = self.now_us();
+        let prev = self.deadline_us.fetch_max(end_us, Ordering::AcqRel);
+        if prev <= now && end_us > now {
+            self.terms.fetch_add(1, Ordering::AcqRel);
+        }
     }
 
     /// Makes the watch channel agree with [`Shared::holds`].
@@ -208,6 +216,7 @@ impl LeaseKeeper {
             tx,
             voters: Mutex::new(BTreeMap::new()),
             needed: AtomicU64::new(0),
+            terms: AtomicU64::new(0),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(db, shared.clone(), stop_rx));
@@ -222,6 +231,13 @@ impl LeaseKeeper {
     /// `CLOCK_BOOTTIME` read), safe to call from synchronous code.
     pub fn holds(&self) -> bool {
         self.shared.holds()
+    }
+
+    /// The lease's term: how many times it was acquired after not being
+    /// held (0 before the first). A PM that caught up with the unit
+    /// database under one term must catch up again under the next.
+    pub fn term(&self) -> u64 {
+        self.shared.terms.load(Ordering::Acquire)
     }
 
     /// Time left on the lease, when valid.
@@ -469,6 +485,7 @@ mod tests {
             tx: watch::channel(false).0,
             voters: Mutex::new(BTreeMap::new()),
             needed: AtomicU64::new(0),
+            terms: AtomicU64::new(0),
         }
     }
 

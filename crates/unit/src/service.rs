@@ -175,6 +175,20 @@ impl UnitService {
         self.health.lock().await.as_ref().map(|(_, h)| h.status())
     }
 
+    /// [`UnitService::pms_of`], failing on a read or decode error instead
+    /// of answering "none" (for decisions where "no partner" must be
+    /// known, not assumed).
+    pub fn try_pms_of(db: &UnitDb) -> Result<Vec<PmRecord>, String> {
+        db.list(PMS_TABLE)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(k, r)| {
+                r.decode::<PmRecord>()
+                    .map_err(|e| format!("PM record {k}: {e}"))
+            })
+            .collect()
+    }
+
     /// The PM records of the unit (from this node's applied state).
     pub fn pms_of(db: &UnitDb) -> Vec<PmRecord> {
         db.list(PMS_TABLE)
