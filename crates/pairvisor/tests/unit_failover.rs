@@ -1083,8 +1083,10 @@ fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
 // - at the end, with the VM stopped and in sync, both replicas identical.
 //
 // CI runs `PV_NEMESIS_SEEDS` (default "1,2") with `PV_NEMESIS_STEPS` steps
-// each (default 4); a soak: `PV_NEMESIS_SEEDS=1-20 PV_NEMESIS_STEPS=12
-// cargo nextest run -p pairvisor --test unit_failover nemesis`.
+// each (default 4); a soak (about 2 minutes a seed of 8 steps; the `soak`
+// profile never terminates a slow test): `PV_NEMESIS_SEEDS=1-20
+// PV_NEMESIS_STEPS=12 cargo nextest run --profile soak -p pairvisor --test
+// unit_failover nemesis --no-capture`.
 
 /// xorshift64*: the schedule's only source of randomness.
 struct Rng(u64);
