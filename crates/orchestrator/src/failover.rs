@@ -105,9 +105,15 @@ pub async fn run(agent: Agent, svc: Arc<UnitService>, db: UnitDb, lease: Arc<Lea
             partner_promotable: plan.as_ref().map_or(0, |p| p.promotable()),
         };
         // A planned absence (maintenance, unit shutdown) strands nothing.
+        // The VMs are stranded (and "promote anyway" offered) only once the
+        // fenced partner's lease has certainly lapsed: before that, promote
+        // anyway is refused, and an admin shown the offer would hit a 409.
+        let lease_lapsed = view
+            .partner_fenced_ms
+            .is_some_and(|f| f >= timing.worst_case_takeover_ms());
         let refused = plan
             .as_ref()
-            .filter(|_| !view.planned)
+            .filter(|_| !view.planned && lease_lapsed)
             .map(|p| p.refused.clone())
             .unwrap_or_default();
         if refused != refused_shown {
