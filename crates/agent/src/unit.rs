@@ -689,10 +689,15 @@ impl Agent {
                 &format!("pm/{pm}"),
                 crate::Severity::Critical,
                 format!(
-                    "PM {pm} failed {} or more times within {} s: it is out of service",
-                    threshold.max_failures, threshold.window_secs
+                    "PM {pm} failed {} or more times within {} s: it is out of service. Its VMs \
+                     run on the partner where their replicas there are complete; a VM whose \
+                     newest data is only on {pm} stays down until {pm} is back in service",
+                    // Out of service above max_failures: the count that did it.
+                    threshold.max_failures + 1,
+                    threshold.window_secs
                 ),
-                "Repair the PM, then Reset Device on it to put it back in service",
+                "Repair the PM, then Reset Device on it to put it back in service (`pairvisor \
+                 pm reset-device PM`, or the console)",
             );
         }
     }
