@@ -24,7 +24,7 @@ mod unit;
 pub use alerts::Severity;
 pub use error::{AgentError, Result};
 pub use migrate::{MigrateRequest, MigrationEstimate, MigrationView, RemedyRequest};
-pub use paths::Paths;
+pub use paths::{private_tree, Paths, PrivacyReport};
 pub use safety::{LossReport, PromoteAnywayReport, PromoteAnywayRequest, TakeoverPlan};
 pub use splitbrain::{ResolveRequest, SplitBrainView, SplitSide};
 pub use types::*;
@@ -653,11 +653,14 @@ impl Agent {
         let mut rec = self.load_vm_here(name)?;
         vm::check_operation(name, rec.state, Operation::Dump)?;
         let run = self.running(name).ok_or_else(|| no_process(name))?;
-        let file = self
-            .inner
-            .paths
-            .dump_dir()
-            .join(format!("{}-{}.elf", rec.name, now()));
+        // The dump holds the guest's whole memory.
+        let dump_dir = self.inner.paths.dump_dir();
+        self.check_file_space(
+            &format!("the memory dump of {name}"),
+            &dump_dir,
+            rec.memory_mib.saturating_mul(1 << 20),
+        )?;
+        let file = dump_dir.join(format!("{}-{}.elf", rec.name, now()));
         self.set_state(&mut rec, VmEvent::DumpStarted, "memory dump started")?;
         let agent = self.clone();
         let name = name.to_string();

@@ -24,7 +24,7 @@ pub(crate) struct PlannedVolume {
 }
 
 /// Bytes available to unprivileged users on the file system holding `path`.
-fn fs_available(path: &Path) -> Option<u64> {
+pub(crate) fn fs_available(path: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
@@ -459,6 +459,15 @@ impl Agent {
         Ok(())
     }
 
+    /// Refuses to write `needed` bytes in `dir` unless the reserve stays
+    /// free (unknown free space: not refused).
+    pub(crate) fn check_file_space(&self, what: &str, dir: &Path, needed: u64) -> Result<()> {
+        if let Some(free) = fs_available(dir) {
+            admission::check_file_space(what, &dir.display().to_string(), needed, free)?;
+        }
+        Ok(())
+    }
+
     fn tmp_file(&self, name: &str) -> PathBuf {
         self.paths()
             .tmp_dir()
@@ -519,6 +528,8 @@ impl Agent {
                 )))
             }
         }
+        let len = std::fs::metadata(src).map(|m| m.len()).unwrap_or(0);
+        self.check_file_space("the VCD copy", &self.paths().tmp_dir(), len)?;
         let tmp = self.tmp_file(&req.name);
         if let Err(e) = tokio::fs::copy(src, &tmp).await {
             let _ = std::fs::remove_file(&tmp);
@@ -540,8 +551,15 @@ impl Agent {
         E: std::fmt::Display,
     {
         self.check_new_vcd(name)?;
+        let dir = self.paths().tmp_dir();
+        // The size is not known up front: checked as it grows, against the
+        // space free when it started (nothing else writes big files here).
+        let free = fs_available(&dir);
         let tmp = self.tmp_file(name);
         let result: Result<()> = async {
+            if let Some(free) = free {
+                admission::check_file_space("the upload", &dir.display().to_string(), 0, free)?;
+            }
             let mut f = tokio::fs::File::create(&tmp)
                 .await
                 .map_err(AgentError::io("creating the upload file"))?;
@@ -553,6 +571,14 @@ impl Agent {
                     ))
                 })?;
                 total += chunk.len() as u64;
+                if let Some(free) = free {
+                    admission::check_file_space(
+                        "the upload",
+                        &dir.display().to_string(),
+                        total,
+                        free,
+                    )?;
+                }
                 f.write_all(&chunk)
                     .await
                     .map_err(AgentError::io("writing the upload"))?;

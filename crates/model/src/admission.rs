@@ -184,6 +184,25 @@ pub enum AdmissionError {
         /// Bytes free.
         free: u64,
     },
+    /// Not enough free space on a PM's file system for a file (an upload,
+    /// a copy, a memory dump), keeping [`FILE_RESERVE`] free.
+    #[error(
+        "not enough free space for {what} in {dir}: {needed} bytes are needed and {free} are \
+         free, of which {reserve} are kept for the state database and logs. Free space (remove \
+         old memory dumps or VCDs) and try again"
+    )]
+    NoFileSpace {
+        /// What was to be written.
+        what: String,
+        /// Where.
+        dir: String,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes free.
+        free: u64,
+        /// Bytes kept free.
+        reserve: u64,
+    },
     /// Zero-sized or misaligned volume.
     #[error("volume size {size} bytes is not allowed; give a positive multiple of 1 MiB")]
     VolumeSize {
@@ -326,6 +345,31 @@ pub fn check_volume_count(existing: usize, adding: usize) -> Result<(), Admissio
     }
 }
 
+/// Space kept free on a PM's data file system when files are written there
+/// (uploads, copies, memory dumps): the state database and the logs must
+/// never be the ones that find the disk full.
+pub const FILE_RESERVE: u64 = 128 * MIB;
+
+/// Checks that `needed` more bytes fit in `dir`, whose file system has
+/// `free` bytes available, keeping [`FILE_RESERVE`].
+pub fn check_file_space(
+    what: &str,
+    dir: &str,
+    needed: u64,
+    free: u64,
+) -> Result<(), AdmissionError> {
+    if needed.saturating_add(FILE_RESERVE) > free {
+        return Err(AdmissionError::NoFileSpace {
+            what: what.to_string(),
+            dir: dir.to_string(),
+            needed,
+            free,
+            reserve: FILE_RESERVE,
+        });
+    }
+    Ok(())
+}
+
 /// Checks that a new volume of `size` bytes can be placed in `group`.
 pub fn check_volume_size(group: &str, size: u64, free: u64) -> Result<(), AdmissionError> {
     if size == 0 || !size.is_multiple_of(MIB) {
@@ -466,5 +510,17 @@ mod tests {
         assert!(e.to_string().contains("storage group 'sg'"), "{e}");
         assert!(free_space_warning("sg", 4 * GIB).is_some());
         assert!(free_space_warning("sg", 5 * GIB).is_none());
+    }
+
+    #[test]
+    fn files_keep_the_reserve_free() {
+        assert!(check_file_space("a dump", "/d", 100 * MIB, 228 * MIB).is_ok());
+        let e = check_file_space("a dump", "/d", 100 * MIB + 1, 228 * MIB).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("a dump in /d") && m.contains("remove old memory dumps"),
+            "{m}"
+        );
+        assert!(check_file_space("x", "/d", u64::MAX, u64::MAX).is_err());
     }
 }

@@ -8,7 +8,7 @@ use pairvisor_cli::ServeArgs;
 use pairvisor_model::roles::Role;
 use pairvisor_store::{Accel, Store, StoreError, UserRecord};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,10 +44,12 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    private_umask();
     let paths = Paths::new(&args.data_dir);
     paths
         .create_all()
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    warn_if_loose(&args.data_dir);
     let store = open_store(&paths.state_db()).await?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -214,6 +216,13 @@ pub async fn witness(args: pairvisor_cli::WitnessArgs) -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    private_umask();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&args.data_dir)
+        .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;
+    warn_if_loose(&args.data_dir);
     let listen: std::net::SocketAddr = args
         .listen
         .parse()
@@ -247,6 +256,53 @@ pub async fn witness(args: pairvisor_cli::WitnessArgs) -> Result<()> {
     shutdown_signal().await;
     svc.shutdown().await;
     Ok(())
+}
+
+/// Everything the daemon creates (state databases, keys, replicas, disks,
+/// QEMU's logs) is private to its user: group and others get nothing.
+fn private_umask() {
+    // SAFETY: umask only sets the process's file mode creation mask; it
+    // cannot fail and touches no memory.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
+/// Makes the data directory private again and warns about anything inside
+/// it that other users could read (an older version's files, or loosened by
+/// hand).
+fn warn_if_loose(dir: &Path) {
+    match pairvisor_agent::private_tree(dir) {
+        Ok(r) => {
+            if let Some(m) = r.root_was {
+                tracing::warn!(
+                    "data directory {} was mode {m:o}: made private (0700); it holds the unit \
+                     secret, password hashes, TLS keys and guest disks",
+                    dir.display()
+                );
+            }
+            if r.loose_count > 0 {
+                let shown: Vec<String> = r
+                    .loose
+                    .iter()
+                    .map(|(p, m)| format!("{} ({m:o})", p.display()))
+                    .collect();
+                tracing::warn!(
+                    "{} entries in {} are open to other users: {}{}; run `chmod -R go-rwx {}`",
+                    r.loose_count,
+                    dir.display(),
+                    shown.join(", "),
+                    if r.loose_count > shown.len() {
+                        ", …"
+                    } else {
+                        ""
+                    },
+                    dir.display()
+                );
+            }
+        }
+        Err(e) => tracing::warn!("checking the permissions of {}: {e}", dir.display()),
+    }
 }
 
 async fn shutdown_signal() {

@@ -835,7 +835,7 @@ impl UnitDb {
                 "node {node_id} is already a member of the unit: choose another node id, or remove node {node_id} first"
             )));
         }
-        let secret = tls::random_secret();
+        let secret = tls::random_secret()?;
         let hash = tls::secret_hash(&secret);
         let rec = TokenRecord {
             node_id,

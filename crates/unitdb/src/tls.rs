@@ -66,6 +66,9 @@ pub enum TlsError {
     /// A join token field does not parse.
     #[error("the public key in the join request is not a valid P-256 key")]
     BadPublicKey,
+    /// The operating system's random source failed.
+    #[error("the operating system's random number source failed: no secret was made (check /dev/urandom and the kernel's entropy)")]
+    NoRandom,
 }
 
 /// The DNS name in node `id`'s certificate (not resolved, only matched).
@@ -89,12 +92,13 @@ pub fn secret_hash(secret: &[u8]) -> String {
     fingerprint(secret)
 }
 
-/// Fresh random bytes from the operating system.
-pub fn random_secret() -> [u8; 32] {
+/// Fresh random bytes from the operating system. Its failure (no entropy
+/// source at all) is an error: a secret of zeroes would be guessable.
+pub fn random_secret() -> Result<[u8; 32], TlsError> {
     let mut b = [0u8; 32];
-    // SystemRandom only fails when the OS has no entropy source at all.
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    b
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| TlsError::NoRandom)?;
+    Ok(b)
 }
 
 fn pem_cert(pem: &str, what: &str) -> Result<CertificateDer<'static>, TlsError> {
@@ -660,7 +664,7 @@ mod tests {
             ca_fingerprint: "ab".repeat(32),
             node_id: 3,
             role: NodeRole::Witness,
-            secret: encode_b64(&random_secret()),
+            secret: encode_b64(&random_secret().unwrap()),
         };
         let s = t.to_string();
         assert!(s.starts_with("pvjoin1."));
