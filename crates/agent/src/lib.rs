@@ -12,6 +12,7 @@
 //! the store and the set of QEMU processes consistent.
 
 mod alerts;
+mod console;
 mod error;
 mod migrate;
 mod paths;
@@ -847,19 +848,7 @@ impl Agent {
     ) -> Result<(Vec<u8>, u64)> {
         let rec = self.load_vm_here(name)?;
         let path = self.inner.paths.vm_run_dir(&rec.id).join("console.log");
-        let data = match std::fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(AgentError::io("reading the console log")(e)),
-        };
-        let len = data.len() as u64;
-        let start = match from {
-            Some(off) if off <= len => off,
-            Some(_) => 0, // the log was truncated (new run dir): start over
-            None => len.saturating_sub(max_bytes),
-        };
-        let end = len.min(start.saturating_add(max_bytes.max(1)));
-        Ok((data[start as usize..end as usize].to_vec(), end))
+        console::read(&path, from, max_bytes).map_err(AgentError::io("reading the console log"))
     }
 
     /// The VNC socket of a running VM (for the console bridge).
@@ -1030,6 +1019,7 @@ impl Agent {
                     if !self.still_current(&name, &run) {
                         return;
                     }
+                    self.rotate_console(&name).await;
                     let state = self.load_vm(&name).map(|r| r.state).ok();
                     let interval = self.settings().map(|s| s.instance_check_interval_secs).unwrap_or(5);
                     let due = state == Some(VmState::Booting) || now().saturating_sub(last_check) >= interval;
@@ -1039,6 +1029,25 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Caps the VM's console log (a guest printing without pause must not
+    /// fill the disk), off the async runtime.
+    async fn rotate_console(&self, name: &str) {
+        let Ok(rec) = self.load_vm(name) else { return };
+        let cap = self
+            .settings()
+            .map(|s| s.console_log_max_mib)
+            .unwrap_or(Settings::default().console_log_max_mib)
+            .saturating_mul(1 << 20);
+        let log = self.inner.paths.vm_run_dir(&rec.id).join("console.log");
+        let r = tokio::task::spawn_blocking(move || console::rotate_if_over(&log, cap)).await;
+        match r {
+            Ok(Ok(true)) => tracing::debug!(vm = %name, "console log rotated"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => warn!(vm = %name, "rotating the console log: {e}"),
+            Err(e) => warn!(vm = %name, "rotating the console log: {e}"),
         }
     }
 

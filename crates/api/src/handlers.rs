@@ -364,7 +364,19 @@ pub async fn console_log(
     Query(q): Query<ConsoleQuery>,
 ) -> ApiResult<Response> {
     let tail = q.tail_bytes.unwrap_or(64 * 1024).min(1024 * 1024);
-    let (first, offset) = st.agent.console_log(&name, None, tail)?;
+    // Disk reads off the async runtime (the lease keeper and the mirror
+    // share it).
+    let read = |agent: pairvisor_agent::Agent, name: String, from: Option<u64>, max: u64| async move {
+        tokio::task::spawn_blocking(move || agent.console_log(&name, from, max))
+            .await
+            .unwrap_or_else(|e| {
+                Err(pairvisor_agent::AgentError::Io {
+                    context: "reading the console log".into(),
+                    source: std::io::Error::other(e),
+                })
+            })
+    };
+    let (first, offset) = read(st.agent.clone(), name.clone(), None, tail).await?;
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !q.follow {
         return Ok((text_plain, first).into_response());
@@ -372,7 +384,7 @@ pub async fn console_log(
     let agent = st.agent.clone();
     let stream = futures_util::stream::unfold(
         (Some(first), offset, agent, name),
-        |(pending, offset, agent, name)| async move {
+        move |(pending, offset, agent, name)| async move {
             if let Some(p) = pending {
                 return Some((
                     Ok::<_, std::io::Error>(bytes::Bytes::from(p)),
@@ -381,7 +393,7 @@ pub async fn console_log(
             }
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                match agent.console_log(&name, Some(offset), 256 * 1024) {
+                match read(agent.clone(), name.clone(), Some(offset), 256 * 1024).await {
                     Ok((data, next)) if !data.is_empty() => {
                         return Some((Ok(bytes::Bytes::from(data)), (None, next, agent, name)));
                     }
@@ -662,6 +674,9 @@ pub struct SettingsPatch {
     /// Resync rate cap, MB/s (0: unlimited, up to 100000), applied at once
     /// to running resyncs (S2).
     pub resync_rate_mbps: Option<u64>,
+    /// A VM's console log is rotated above this size, MiB (1..=1024; one
+    /// older generation is kept).
+    pub console_log_max_mib: Option<u64>,
 }
 
 fn settings_view(s: &Settings) -> SettingsPatch {
@@ -684,6 +699,7 @@ fn settings_view(s: &Settings) -> SettingsPatch {
         migration_post_copy_allowed: Some(s.migration_post_copy_allowed),
         load_balancing: Some(s.load_balancing),
         resync_rate_mbps: Some(s.resync_rate_mbps),
+        console_log_max_mib: Some(s.console_log_max_mib),
     }
 }
 
@@ -794,6 +810,9 @@ pub async fn update_settings(
         }
         if let Some(v) = p.resync_rate_mbps {
             s.resync_rate_mbps = in_range("resync_rate_mbps", v, 0, 100_000)?;
+        }
+        if let Some(v) = p.console_log_max_mib {
+            s.console_log_max_mib = in_range("console_log_max_mib", v, 1, 1024)?;
         }
         tx.put_settings(&s)?;
         Ok(s)

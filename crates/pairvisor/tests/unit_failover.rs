@@ -1420,19 +1420,28 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                 w.excused.store(false, SeqCst);
             }
             Fault::PromoteAnyway { secs } => {
-                let before = w.acked.load(SeqCst);
+                let (h, sv) = (host, 1 - host);
+                let (hname, sname) = (pms[h].name, pms[sv].name);
                 lab(dir.path(), &["cut", "private"]);
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while w.acked.load(SeqCst) < before + 5 && Instant::now() < deadline {
+                // The host goes on alone only once the survivor's replica is
+                // recorded as outdated (a write found the link dead).
+                let marked = poll(30, || {
+                    pms[h]
+                        .get("/volumes/demo-boot")
+                        .filter(|v| v["outdated"]["pm"] == sname)
+                })
+                .is_some();
+                let before = w.acked.load(SeqCst);
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while marked && w.acked.load(SeqCst) < before + 3 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 let alone = w.acked.load(SeqCst).saturating_sub(before);
                 log.push(format!(
-                    "  {alone} records acknowledged with the sync link cut"
+                    "  {sname}'s replica marked outdated: {marked}; {alone} more records \
+                     acknowledged alone"
                 ));
                 std::thread::sleep(Duration::from_secs(*secs));
-                let (h, sv) = (host, 1 - host);
-                let (hname, sname) = (pms[h].name, pms[sv].name);
                 lab(dir.path(), &["kill", hname]);
                 faults += 1;
                 // The survivor refuses to promote its outdated replica; the
@@ -1451,10 +1460,10 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                     )),
                     Some(Value::Null) => {
                         log.push(format!("  {sname} took over (its replica was complete)"));
-                        if alone > 0 {
+                        if marked {
                             violations.push(format!(
-                                "step {step}: {sname} took over although {alone} records \
-                                 were acknowledged without it"
+                                "step {step}: {sname} took over on a replica recorded as \
+                                 outdated"
                             ));
                         }
                     }

@@ -361,6 +361,15 @@ pub struct Settings {
     /// running mirror, so that a resync does not starve the VMs' own I/O.
     #[serde(default)]
     pub resync_rate_mbps: u64,
+    /// A VM's console log is rotated above this size, MiB (one older
+    /// generation kept): a guest printing without pause cannot fill the
+    /// disk.
+    #[serde(default = "default_console_log_max_mib")]
+    pub console_log_max_mib: u64,
+}
+
+fn default_console_log_max_mib() -> u64 {
+    8
 }
 
 impl Default for Settings {
@@ -381,6 +390,7 @@ impl Default for Settings {
             migration_post_copy_allowed: true,
             load_balancing: false,
             resync_rate_mbps: 0,
+            console_log_max_mib: default_console_log_max_mib(),
         }
     }
 }
