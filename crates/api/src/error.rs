@@ -27,6 +27,8 @@ pub struct ApiError {
     pub status: StatusCode,
     /// Body.
     pub body: ErrorBody,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -39,6 +41,7 @@ impl ApiError {
                 message: message.into(),
                 details: None,
             },
+            retry_after: None,
         }
     }
 
@@ -57,6 +60,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let info = ErrorInfo(format!("{}: {}", self.body.code, self.body.message));
         let mut r = (self.status, axum::Json(self.body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(s),
+            );
+        }
         r.extensions_mut().insert(info);
         r
     }

@@ -43,12 +43,43 @@ pub struct LoginResponse {
 
 /// Log in and receive a bearer token.
 #[utoipa::path(post, path = "/api/v1/auth/login", request_body = LoginRequest,
-    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = LoginResponse), (status = 401, body = ErrorBody),
+        (status = 429, description = "too many failed logins from this address or for this user, or too many at once: wait Retry-After seconds", body = ErrorBody)))]
 pub async fn login(
     State(st): State<AppState>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     Json(req): Json<LoginRequest>,
 ) -> ApiResult<Response> {
-    let result = auth::login(st.agent.store(), &req.user, &req.password);
+    let addr = peer.map(|axum::Extension(c)| c.0.ip());
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    };
+    // Over the failed-login limit: refused before any hashing. A try counts
+    // as failed until it is known not to be.
+    let throttled =
+        st.logins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .begin(now_ms(), addr, &req.user);
+    let result = match throttled {
+        Err(t) => Err(too_many(&t)),
+        Ok(()) => {
+            let r = verify_login(&st, &req).await;
+            let failed = r
+                .as_ref()
+                .is_err_and(|e| e.status == axum::http::StatusCode::UNAUTHORIZED);
+            if !failed {
+                st.logins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .not_failed(addr, &req.user);
+            }
+            r
+        }
+    };
     let _ = st.agent.store().append_audit(AuditRecord {
         seq: 0,
         time: now(),
@@ -68,6 +99,48 @@ pub async fn login(
         expires_in: auth::TOKEN_LIFETIME_SECS,
     })
     .into_response())
+}
+
+/// 429 with Retry-After for a throttled login.
+fn too_many(t: &pairvisor_model::throttle::Throttled) -> ApiError {
+    let mut e = ApiError::new(
+        axum::http::StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        t.to_string(),
+    );
+    e.retry_after = Some(t.retry_after_secs);
+    e
+}
+
+/// Checks the password on the blocking pool, one Argon2id verification at a
+/// time; a login that waits too long for its turn is told to retry.
+async fn verify_login(
+    st: &AppState,
+    req: &LoginRequest,
+) -> ApiResult<(String, pairvisor_store::UserRecord)> {
+    let busy = || {
+        too_many(&pairvisor_model::throttle::Throttled {
+            who: "in progress on this PM (it is checking other passwords)".into(),
+            retry_after_secs: 1,
+        })
+    };
+    let permit = tokio::time::timeout(Duration::from_secs(2), st.hashing.clone().acquire_owned())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    let (agent, user, password) = (st.agent.clone(), req.user.clone(), req.password.clone());
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        auth::login(agent.store(), &user, &password)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("login: {e}"),
+        )
+    })?
 }
 
 /// End this session (revokes the token).

@@ -69,6 +69,16 @@ pub async fn serve(
                 Err(_) => return,
             };
             let builder = Builder::new(TokioExecutor::new());
+            // Handlers that limit per client (login throttling) see its
+            // address as axum's ConnectInfo.
+            let app = tower::ServiceExt::map_request(
+                app,
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    req
+                },
+            );
             let conn = builder.serve_connection_with_upgrades(
                 TokioIo::new(stream),
                 TowerToHyperService::new(app),

@@ -39,7 +39,17 @@ pub struct AppState {
     pub agent: Agent,
     /// Unit membership, when the daemon has a unit listener.
     pub unit: Option<std::sync::Arc<pairvisor_unit::UnitService>>,
+    /// Failed-login counters (issue 13: a login flood is refused before
+    /// it costs a password hash).
+    pub logins: std::sync::Arc<std::sync::Mutex<pairvisor_model::throttle::LoginThrottle>>,
+    /// Password verifications running at once: Argon2id is CPU- and
+    /// memory-hard, and the lease keeper, the mirror and Raft share the
+    /// machine.
+    pub hashing: std::sync::Arc<tokio::sync::Semaphore>,
 }
+
+/// Password verifications allowed at once.
+const HASHING_SLOTS: usize = 1;
 
 /// A JSON body whose rejections (malformed JSON, wrong types, unknown
 /// fields) are answered in the API's error shape.
@@ -111,7 +121,14 @@ pub fn openapi_json() -> String {
 /// Builds the router for `agent` and, when enabled, the unit service.
 pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitService>>) -> Router {
     use handlers::*;
-    let state = AppState { agent, unit };
+    let state = AppState {
+        agent,
+        unit,
+        logins: std::sync::Arc::new(std::sync::Mutex::new(
+            pairvisor_model::throttle::LoginThrottle::new(Default::default()),
+        )),
+        hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHING_SLOTS)),
+    };
     let api = Router::new()
         .route("/auth/logout", post(logout))
         .route("/auth/whoami", get(whoami))

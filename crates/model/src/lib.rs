@@ -13,4 +13,5 @@ pub mod pm;
 pub mod power;
 pub mod roles;
 pub mod sync_advice;
+pub mod throttle;
 pub mod vm;

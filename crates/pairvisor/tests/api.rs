@@ -1108,3 +1108,88 @@ fn uploads_and_copies_that_would_fill_the_disk_are_refused() {
     let vcds = d.ok("GET", "/vcds", None);
     assert_eq!(vcds, json!([]), "{vcds}");
 }
+
+/// Issue 13 (login flood): failed logins are limited per user and per
+/// client address with a clear 429 and Retry-After, refused before any
+/// password hashing; an authenticated request still answers at once.
+#[test]
+fn a_login_flood_is_throttled_and_the_api_still_answers() {
+    let d = Daemon::start();
+    d.ok(
+        "POST",
+        "/users",
+        Some(json!({"name": "bob", "role": "operator", "password": "bob's long password"})),
+    );
+    // Per user: 10 failures, then even the right password waits.
+    for _ in 0..10 {
+        let (s, v) = d.login("bob", "wrong").unwrap_err();
+        assert_eq!(s, 401, "{v}");
+    }
+    let (s, v) = d.login("bob", "bob's long password").unwrap_err();
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["code"], "too_many_requests", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too many failed logins for user 'bob': wait"),
+        "{v}"
+    );
+    // Per address: a flood from 8 threads with random user names.
+    let sent = std::sync::atomic::AtomicU32::new(0);
+    let throttled = std::sync::atomic::AtomicU32::new(0);
+    let mut retry_after = None;
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let (d, sent, throttled) = (&d, &sent, &throttled);
+            s.spawn(move || {
+                for i in 0..25 {
+                    let r = d
+                        .http()
+                        .post(format!("{}/api/v1/auth/login", d.url))
+                        .json(&json!({"user": format!("guess{t}x{i}"), "password": "x"}))
+                        .send()
+                        .unwrap();
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if r.status() == 429 {
+                        throttled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+            });
+        }
+    });
+    let r = d
+        .http()
+        .post(format!("{}/api/v1/auth/login", d.url))
+        .json(&json!({"user": "admin", "password": common::ADMIN_PASSWORD}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 429, "the address is over its limit");
+    if let Some(h) = r.headers().get("retry-after") {
+        retry_after = h.to_str().ok().and_then(|s| s.parse::<u64>().ok());
+    }
+    let v: serde_json::Value = r.json().unwrap();
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("too many failed logins from 127.0.0.1"),
+        "{v}"
+    );
+    assert!(
+        retry_after.is_some_and(|s| (1..=60).contains(&s)),
+        "{retry_after:?}"
+    );
+    let (sent, throttled) = (sent.into_inner(), throttled.into_inner());
+    // 10 failures of bob's count for the address too: at most 10 more were
+    // hashed.
+    assert!(throttled >= sent - 10, "{throttled} of {sent} throttled");
+    // An authenticated request is not affected.
+    let t = Instant::now();
+    let (s, _) = d.call("GET", "/vms", None);
+    assert_eq!(s, 200);
+    eprintln!(
+        "login flood: {sent} sent, {throttled} refused with 429; GET /vms then took {:?}",
+        t.elapsed()
+    );
+}
