@@ -80,17 +80,30 @@ pub async fn login(
             r
         }
     };
-    let _ = st.agent.store().append_audit(AuditRecord {
-        seq: 0,
-        time: now(),
-        user: req.user.chars().take(64).collect(),
-        action: "POST /api/v1/auth/login".into(),
-        target: "auth/login".into(),
-        result: match &result {
-            Ok(_) => "ok".into(),
-            Err(e) => format!("{} {}", e.status.as_u16(), e.body.code),
-        },
-    });
+    // A throttled try is not written (a flood must not fill the disk); it
+    // is counted.
+    if result
+        .as_ref()
+        .is_err_and(|e| e.status == axum::http::StatusCode::TOO_MANY_REQUESTS)
+    {
+        st.unaudited.note();
+    } else {
+        crate::write_audit(
+            &st,
+            AuditRecord {
+                seq: 0,
+                time: now(),
+                user: req.user.clone(),
+                action: "POST /api/v1/auth/login".into(),
+                target: "auth/login".into(),
+                result: match &result {
+                    Ok(_) => "ok".into(),
+                    Err(e) => format!("{} {}", e.status.as_u16(), e.body.code),
+                },
+            },
+        )
+        .await;
+    }
     let (token, user) = result?;
     Ok(axum::Json(LoginResponse {
         token,
@@ -750,6 +763,10 @@ pub struct SettingsPatch {
     /// A VM's console log is rotated above this size, MiB (1..=1024; one
     /// older generation is kept).
     pub console_log_max_mib: Option<u64>,
+    /// Audit records kept on each PM, oldest dropped first (1000..=10000000).
+    pub audit_max_records: Option<u64>,
+    /// Audit records older than this many days are dropped (1..=3650).
+    pub audit_max_days: Option<u64>,
 }
 
 fn settings_view(s: &Settings) -> SettingsPatch {
@@ -773,6 +790,8 @@ fn settings_view(s: &Settings) -> SettingsPatch {
         load_balancing: Some(s.load_balancing),
         resync_rate_mbps: Some(s.resync_rate_mbps),
         console_log_max_mib: Some(s.console_log_max_mib),
+        audit_max_records: Some(s.audit_max_records),
+        audit_max_days: Some(s.audit_max_days),
     }
 }
 
@@ -883,6 +902,12 @@ pub async fn update_settings(
         }
         if let Some(v) = p.resync_rate_mbps {
             s.resync_rate_mbps = in_range("resync_rate_mbps", v, 0, 100_000)?;
+        }
+        if let Some(v) = p.audit_max_records {
+            s.audit_max_records = in_range("audit_max_records", v, 1000, 10_000_000)?;
+        }
+        if let Some(v) = p.audit_max_days {
+            s.audit_max_days = in_range("audit_max_days", v, 1, 3650)?;
         }
         if let Some(v) = p.console_log_max_mib {
             s.console_log_max_mib = in_range("console_log_max_mib", v, 1, 1024)?;

@@ -46,6 +46,8 @@ pub struct AppState {
     /// memory-hard, and the lease keeper, the mirror and Raft share the
     /// machine.
     pub hashing: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Requests refused before authentication (not audited).
+    pub unaudited: std::sync::Arc<Unaudited>,
 }
 
 /// Password verifications allowed at once.
@@ -128,6 +130,7 @@ pub fn router(agent: Agent, unit: Option<std::sync::Arc<pairvisor_unit::UnitServ
             pairvisor_model::throttle::LoginThrottle::new(Default::default()),
         )),
         hashing: std::sync::Arc::new(tokio::sync::Semaphore::new(HASHING_SLOTS)),
+        unaudited: Default::default(),
     };
     let api = Router::new()
         .route("/auth/logout", post(logout))
@@ -340,8 +343,11 @@ async fn authenticate(State(st): State<AppState>, req: Request, next: Next) -> R
     }
 }
 
-/// Writes every request that may change something (anything but GET/HEAD)
-/// to the audit log, with its outcome.
+/// Writes every authenticated request to a known route that may change
+/// something (anything but GET/HEAD) to the audit log, with its outcome.
+/// Requests without a valid token are not written (a stranger must not be
+/// able to fill the disk with durable records): they are counted, and
+/// logged at most once per [`UNAUDITED_LOG_EVERY`].
 async fn audit_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -349,27 +355,111 @@ async fn audit_layer(State(st): State<AppState>, req: Request, next: Next) -> Re
     if method == Method::GET || method == Method::HEAD || path == "/api/v1/auth/login" {
         return resp;
     }
-    let user = resp
-        .extensions()
-        .get::<AuthUser>()
-        .map(|u| u.name.clone())
-        .unwrap_or_else(|| "-".into());
+    let Some(user) = resp.extensions().get::<AuthUser>().map(|u| u.name.clone()) else {
+        st.unaudited.note();
+        return resp;
+    };
     let result = match resp.extensions().get::<ErrorInfo>() {
         Some(ErrorInfo(e)) => format!("{} {e}", resp.status().as_u16()),
         None if resp.status().is_success() => "ok".into(),
         None => resp.status().to_string(),
     };
     let target = path.strip_prefix("/api/v1/").unwrap_or(&path).to_string();
-    let rec = AuditRecord {
-        seq: 0,
-        time: now(),
-        user,
-        action: format!("{method} {path}"),
-        target,
-        result,
-    };
-    if let Err(e) = st.agent.store().append_audit(rec) {
-        tracing::error!("cannot write the audit log: {e}");
-    }
+    write_audit(
+        &st,
+        AuditRecord {
+            seq: 0,
+            time: now(),
+            user,
+            action: format!("{method} {path}"),
+            target,
+            result,
+        },
+    )
+    .await;
     resp
+}
+
+/// How often the count of unaudited (unauthenticated) requests is logged.
+const UNAUDITED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Requests refused before authentication, which are not audited.
+#[derive(Debug, Default)]
+pub struct Unaudited {
+    total: std::sync::atomic::AtomicU64,
+    since_log: std::sync::atomic::AtomicU64,
+    last_log: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl Unaudited {
+    /// Counts one; logs the count at most once per [`UNAUDITED_LOG_EVERY`].
+    pub fn note(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.total.fetch_add(1, Relaxed);
+        self.since_log.fetch_add(1, Relaxed);
+        let mut last = self.last_log.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= UNAUDITED_LOG_EVERY) {
+            *last = Some(now);
+            let n = self.since_log.swap(0, Relaxed);
+            tracing::warn!(
+                "{n} request(s) without a valid token refused since the last report ({} in all); \
+                 they are not written to the audit log",
+                self.total.load(Relaxed)
+            );
+        }
+    }
+
+    /// How many in all since the daemon started.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// An audit field as stored: control characters escaped (a crafted path
+/// or user name cannot forge lines or terminal escapes when the log is
+/// printed) and cut to `max` characters.
+pub(crate) fn audit_field(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i >= max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Appends to the audit log off the async runtime (the commit is fsynced),
+/// fields sanitised, within the retention the settings ask for.
+pub(crate) async fn write_audit(st: &AppState, rec: AuditRecord) {
+    let rec = AuditRecord {
+        user: audit_field(&rec.user, 64),
+        action: audit_field(&rec.action, 300),
+        target: audit_field(&rec.target, 256),
+        result: audit_field(&rec.result, 1000),
+        ..rec
+    };
+    let agent = st.agent.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let keep = agent
+            .store()
+            .settings()
+            .map(|s| pairvisor_store::AuditRetention::of(&s))
+            .unwrap_or_else(|_| {
+                pairvisor_store::AuditRetention::of(&pairvisor_store::Settings::default())
+            });
+        agent.store().append_audit(rec, keep)
+    })
+    .await;
+    match r {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::error!("cannot write the audit log: {e}"),
+        Err(e) => tracing::error!("cannot write the audit log: {e}"),
+    }
 }

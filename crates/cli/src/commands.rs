@@ -734,6 +734,13 @@ fn human_bytes(b: u64) -> String {
 }
 
 fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    // A cell is one line of plain text: control characters (a crafted user
+    // name or path in the audit log, say) are shown escaped, so that they
+    // cannot forge rows or send escape sequences to the terminal.
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.into_iter().map(|c| escape_controls(&c)).collect())
+        .collect();
     let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -753,6 +760,23 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut out = vec![line(headers.iter().map(|s| s.to_string()).collect())];
     out.extend(rows.into_iter().map(line));
     out.join("\n")
+}
+
+/// `c` with control characters escaped (`\n`, `\u{1b}`).
+fn escape_controls(c: &str) -> String {
+    if !c.chars().any(char::is_control) {
+        return c.to_string();
+    }
+    c.chars()
+        .flat_map(|ch| {
+            let e: Vec<char> = if ch.is_control() {
+                ch.escape_default().collect()
+            } else {
+                vec![ch]
+            };
+            e
+        })
+        .collect()
 }
 
 fn s(v: &Value) -> String {
@@ -1288,6 +1312,17 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn table_cells_show_control_characters_escaped() {
+        let t = table(
+            &["USER", "ACTION"],
+            vec![vec!["x\u{1b}[31m\nforged".into(), "POST /x".into()]],
+        );
+        assert_eq!(t.lines().count(), 2, "{t}");
+        assert!(t.contains("x\\u{1b}[31m\\nforged"), "{t}");
+        assert!(!t.contains('\u{1b}'));
+    }
 
     #[test]
     fn sizes() {

@@ -165,6 +165,25 @@ fn table(name: &'static str) -> TableDefinition<'static, &'static str, &'static 
 const META: &str = "meta";
 const AUDIT: TableDefinition<'static, u64, &'static [u8]> = TableDefinition::new("audit");
 
+/// How much audit history a PM keeps (from the settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditRetention {
+    /// Records kept at most.
+    pub max_records: u64,
+    /// Records older than this (seconds) are dropped.
+    pub max_age_secs: u64,
+}
+
+impl AuditRetention {
+    /// What `settings` ask for.
+    pub fn of(settings: &Settings) -> AuditRetention {
+        AuditRetention {
+            max_records: settings.audit_max_records,
+            max_age_secs: settings.audit_max_days.saturating_mul(86_400),
+        }
+    }
+}
+
 /// The PM's state database.
 pub struct Store {
     db: Database,
@@ -562,13 +581,34 @@ impl Store {
     }
 
     /// Appends an audit record, assigning its sequence number.
-    pub fn append_audit(&self, mut rec: AuditRecord) -> Result<AuditRecord, StoreError> {
+    pub fn append_audit(
+        &self,
+        mut rec: AuditRecord,
+        keep: AuditRetention,
+    ) -> Result<AuditRecord, StoreError> {
         let txn = self.db.begin_write()?;
         {
             let mut t = txn.open_table(AUDIT)?;
             let next = t.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
             rec.seq = next;
             t.insert(next, encode(&rec).as_slice())?;
+            // Bounded history: the oldest records go once there are more
+            // than `max_records` or they are older than `max_age_secs`. Keys
+            // only ever leave from the front, so first..=next are all held.
+            // A few per append: a lowered limit is reached gradually.
+            for _ in 0..64 {
+                let Some((k, v)) = t.first()? else { break };
+                let (first, old) = (k.value(), v.value().to_vec());
+                drop((k, v));
+                let too_many = next - first + 1 > keep.max_records.max(1);
+                let too_old = decode::<AuditRecord>("audit", &first.to_string(), &old)
+                    .map(|r| r.time.saturating_add(keep.max_age_secs) < rec.time)
+                    .unwrap_or(true);
+                if first == next || !(too_many || too_old) {
+                    break;
+                }
+                t.remove(first)?;
+            }
         }
         txn.commit()?;
         Ok(rec)
@@ -632,14 +672,17 @@ mod tests {
                 })
             });
             assert!(r.is_err());
-            s.append_audit(AuditRecord {
-                seq: 0,
-                time: 5,
-                user: "alice".into(),
-                action: "create".into(),
-                target: "vm/web".into(),
-                result: "ok".into(),
-            })
+            s.append_audit(
+                AuditRecord {
+                    seq: 0,
+                    time: 5,
+                    user: "alice".into(),
+                    action: "create".into(),
+                    target: "vm/web".into(),
+                    result: "ok".into(),
+                },
+                AuditRetention::of(&Settings::default()),
+            )
             .unwrap();
         }
         let s = Store::open(&path).unwrap();
@@ -650,6 +693,43 @@ mod tests {
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].seq, 1);
         assert_eq!(s.settings().unwrap(), Settings::default());
+    }
+}
+
+#[cfg(test)]
+mod audit_tests {
+    use super::*;
+
+    fn rec(time: u64) -> AuditRecord {
+        AuditRecord {
+            seq: 0,
+            time,
+            user: "u".into(),
+            action: "POST /x".into(),
+            target: "x".into(),
+            result: "ok".into(),
+        }
+    }
+
+    #[test]
+    fn the_audit_log_keeps_at_most_its_count_and_age() {
+        let t = tempfile::tempdir().unwrap();
+        let s = Store::open(&t.path().join("s.redb")).unwrap();
+        let keep = AuditRetention {
+            max_records: 10,
+            max_age_secs: 100,
+        };
+        for i in 0..25 {
+            s.append_audit(rec(1000 + i), keep).unwrap();
+        }
+        let a = s.audit(1000).unwrap();
+        assert_eq!(a.len(), 10);
+        assert_eq!((a[0].seq, a[9].seq), (25, 16), "the newest kept");
+        // Much later: the old ones age out.
+        s.append_audit(rec(1200), keep).unwrap();
+        let a = s.audit(1000).unwrap();
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert_eq!(a[0].seq, 26);
     }
 }
 

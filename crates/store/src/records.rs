@@ -366,6 +366,20 @@ pub struct Settings {
     /// disk.
     #[serde(default = "default_console_log_max_mib")]
     pub console_log_max_mib: u64,
+    /// Audit records kept at most on each PM (oldest dropped first).
+    #[serde(default = "default_audit_max_records")]
+    pub audit_max_records: u64,
+    /// Audit records older than this many days are dropped.
+    #[serde(default = "default_audit_max_days")]
+    pub audit_max_days: u64,
+}
+
+fn default_audit_max_records() -> u64 {
+    100_000
+}
+
+fn default_audit_max_days() -> u64 {
+    365
 }
 
 fn default_console_log_max_mib() -> u64 {
@@ -391,6 +405,8 @@ impl Default for Settings {
             load_balancing: false,
             resync_rate_mbps: 0,
             console_log_max_mib: default_console_log_max_mib(),
+            audit_max_records: default_audit_max_records(),
+            audit_max_days: default_audit_max_days(),
         }
     }
 }

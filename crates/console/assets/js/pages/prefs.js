@@ -18,6 +18,8 @@ const FIELDS = [
   ['unresponsive_restart_secs', 'Restart unresponsive guests after (seconds)', 'number', 'SPEC V7 policy: restart a running guest whose instance check has failed this long; 0 = never (the alert is raised either way).'],
   ['resync_rate_mbps', 'Resync rate cap (MB/s)', 'number', 'SPEC S2: how fast a returning PM is brought back in sync; 0 = unlimited. Applied at once to running resyncs, so that a resync does not starve the VMs\' own disk traffic. 0–100000.'],
   ['console_log_max_mib', 'Console log cap per VM (MiB)', 'number', 'A VM\'s serial console log is rotated above this size, one older part kept: a guest printing without pause cannot fill the disk. 1–1024; default 8.'],
+  ['audit_max_records', 'Audit records kept per PM', 'number', 'The oldest go first. 1000–10000000; default 100000.'],
+  ['audit_max_days', 'Audit records kept for (days)', 'number', 'Older records are dropped. 1–3650; default 365.'],
   ['accel', 'Accelerator', 'select', 'kvm (hardware) or tcg (software emulation, slow; for tests and nested set-ups).'],
   ['qemu_binary', 'QEMU binary', 'text', 'Program name on PATH or absolute path.'],
 ];
