@@ -36,6 +36,14 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the witness: a unit database voter that runs no VMs.
     Witness(WitnessArgs),
+    /// The lease watchdog (started by the daemon): kills this PM's VMs when
+    /// its lease ends and the daemon did not stop them (hung or dead).
+    #[command(hide = true)]
+    Watchdog {
+        /// The daemon's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// The unit: formation and membership.
     #[command(subcommand)]
     Unit(UnitCmd),
@@ -956,7 +964,7 @@ async fn run_inner(cli: Cli) -> Result<(), CliError> {
     };
     use Method as M;
     match cli.command {
-        Command::Serve(_) | Command::Witness(_) | Command::Lab { .. } => {
+        Command::Serve(_) | Command::Witness(_) | Command::Watchdog { .. } | Command::Lab { .. } => {
             return Err(CliError::Usage("serve and witness are handled by the binary".into()));
         }
         Command::Unit(cmd) => match cmd {

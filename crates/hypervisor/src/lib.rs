@@ -25,6 +25,7 @@ use thiserror::Error;
 pub use migration::{
     DirtyRate, MigrationCaps, MigrationParams, MigrationProgress, MigrationStatus, TlsEndpoint,
 };
+pub use process::kill_all_qemus;
 pub use qga::QgaError;
 pub use qmp::{DumpProgress, DumpStatus, QmpClient, QmpError, QmpEvent, RunState};
 pub use spec::{Accel, Disk, DiskSource, KernelBoot, Nic, NicBackend, SpecError, VmSpec};

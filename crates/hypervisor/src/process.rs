@@ -71,6 +71,30 @@ pub(crate) fn is_qemu_of(pid: i32, pid_file: &Path) -> bool {
     same_name && dir(Path::new(theirs)).is_some_and(|d| Some(d) == dir(pid_file))
 }
 
+/// SIGKILLs every QEMU whose run directory is under `run_root` (each
+/// `run_root/*/qemu.pid` naming a live QEMU started with that pid file) and
+/// says which. For the lease watchdog: a PM whose lease has ended must not
+/// run any guest.
+pub fn kill_all_qemus(run_root: &Path) -> Vec<String> {
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(run_root) else {
+        return killed;
+    };
+    for e in entries.flatten() {
+        let pid_file = e.path().join(crate::spec::files::PID_FILE);
+        let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if is_qemu_of(pid, &pid_file) && signal(pid, libc::SIGKILL).is_ok() {
+            killed.push(format!("QEMU pid {pid} ({})", e.path().display()));
+        }
+    }
+    killed
+}
+
 /// Sends `signal` to `pid`. A process that is already gone is not an error.
 pub(crate) fn signal(pid: i32, signal: i32) -> io::Result<()> {
     if pid <= 0 {

@@ -159,12 +159,14 @@ pub struct Orchestrator {
     pub lease: Arc<LeaseKeeper>,
     failover: tokio::task::AbortHandle,
     maintenance: tokio::task::AbortHandle,
+    watchdog: tokio::task::AbortHandle,
 }
 
 impl Drop for Orchestrator {
     fn drop(&mut self) {
         self.failover.abort();
         self.maintenance.abort();
+        self.watchdog.abort();
     }
 }
 
@@ -207,6 +209,19 @@ pub async fn join_agent(
         .ok_or_else(|| OrchestratorError::Db("the unit has no secret yet".into()))?;
     let timing = svc.timing();
     let lease = Arc::new(LeaseKeeper::start(db.clone(), timing));
+    // The watchdog kills this PM's VMs if the lease ends while the daemon
+    // cannot (hung, dead): it must know every deadline before anything
+    // relies on it.
+    let run_dir = agent.paths().root().join("run");
+    match pairvisor_unit::watchdog::Publisher::open(&run_dir) {
+        Ok(p) => lease.publish_to(p),
+        Err(e) => tracing::error!(
+            "cannot publish the lease deadline in {}: {e}; a hung daemon's VMs would not be \
+             stopped by the watchdog",
+            run_dir.display()
+        ),
+    }
+    let watchdog = tokio::spawn(keep_watchdog(run_dir)).abort_handle();
     // Give the first lease rounds a chance before the agent decides about
     // VMs still running from before a daemon restart: without a lease it
     // would stop them.
@@ -233,7 +248,57 @@ pub async fn join_agent(
         lease,
         failover,
         maintenance,
+        watchdog,
     }))
+}
+
+/// Keeps a watchdog process running for `run_dir` (started again if it
+/// died; one per data directory, so a running one is left alone). It runs
+/// in its own session, so that it outlives a daemon restart.
+async fn keep_watchdog(run_dir: std::path::PathBuf) {
+    let data_dir = run_dir
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    loop {
+        if !pairvisor_unit::watchdog::running(&run_dir) {
+            match spawn_watchdog(&data_dir) {
+                Ok(pid) => info!(pid, "lease watchdog started"),
+                Err(e) => tracing::error!("cannot start the lease watchdog: {e}"),
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
+fn spawn_watchdog(data_dir: &std::path::Path) -> std::io::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("watchdog.log"))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("watchdog")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe and only detaches the child from
+    // the daemon's session (a signal to the daemon's group spares it).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    // Reaped in the background: the watchdog outlives this task.
+    std::thread::spawn(move || {
+        let _ = child.wait();
+    });
+    Ok(pid)
 }
 
 #[cfg(test)]

@@ -258,6 +258,26 @@ pub async fn witness(args: pairvisor_cli::WitnessArgs) -> Result<()> {
     Ok(())
 }
 
+/// `pairvisor watchdog`: kills this PM's QEMU processes once the lease the
+/// daemon published has ended (docs/fencing.md "A hung daemon").
+pub fn watchdog(data_dir: &Path) -> Result<()> {
+    private_umask();
+    let run_dir = data_dir.join("run");
+    let stamp = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0)
+    };
+    pairvisor_unit::watchdog::run(
+        &run_dir,
+        || pairvisor_hypervisor::kill_all_qemus(&run_dir),
+        |line| eprintln!("{:.3} pairvisor watchdog: {line}", stamp()),
+    )
+    .with_context(|| format!("watchdog for {}", run_dir.display()))?;
+    Ok(())
+}
+
 /// Everything the daemon creates (state databases, keys, replicas, disks,
 /// QEMU's logs) is private to its user: group and others get nothing.
 fn private_umask() {

@@ -30,6 +30,13 @@ fn main() -> std::process::ExitCode {
                 std::process::ExitCode::from(1)
             }
         },
+        Command::Watchdog { data_dir } => match daemon::watchdog(&data_dir) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::from(1)
+            }
+        },
         Command::Lab { dir, cmd } => match rt.block_on(lab(dir, cmd)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -1083,8 +1083,8 @@ fn a_double_fault_never_boots_the_vm_on_a_stale_replica() {
 // - no acknowledged write lost: every acknowledged record is on the current
 //   primary's replica, and on the partner's once in sync;
 // - one VM, one place: a sampler sees QEMU alive on both PMs at once never
-//   (outside a live migration, and outside the window where a frozen
-//   daemon cannot stop its QEMU — see docs/fencing.md);
+//   (outside a live migration; a frozen daemon's QEMU is killed by the
+//   lease watchdog — see docs/fencing.md);
 // - at the end, with the VM stopped and in sync, both replicas identical.
 //
 // CI runs `PV_NEMESIS_SEEDS` (default "1,2") with `PV_NEMESIS_STEPS` steps
@@ -1162,8 +1162,7 @@ struct Watch {
     /// acknowledged.
     seed: std::sync::atomic::AtomicU64,
     acked: std::sync::atomic::AtomicU64,
-    /// Set while a migration (two QEMUs legitimately) or a frozen daemon
-    /// (cannot stop its QEMU) is in progress.
+    /// Set while a migration (two QEMUs legitimately) is in progress.
     excused: std::sync::atomic::AtomicBool,
     stop: std::sync::atomic::AtomicBool,
     both_running: std::sync::Mutex<Vec<String>>,
@@ -1341,14 +1340,11 @@ fn nemesis_run(seed: u64, steps: usize) -> Value {
                 lab(dir.path(), &["heal"]);
             }
             Fault::Freeze { pm, secs } => {
-                w.excused.store(true, SeqCst);
+                // Not excused: the lease watchdog kills a frozen daemon's
+                // QEMU when its lease ends, before the partner starts it.
                 lab(dir.path(), &["freeze", pm]);
                 std::thread::sleep(Duration::from_secs(*secs));
                 lab(dir.path(), &["thaw", pm]);
-                // The thawed daemon stops a QEMU it may no longer run
-                // within its enforcement period.
-                std::thread::sleep(Duration::from_secs(1));
-                w.excused.store(false, SeqCst);
             }
             Fault::SyncCutThenHostKill { secs } => {
                 let before = w.acked.load(SeqCst);
@@ -1950,5 +1946,63 @@ fn a_migration_is_cancelled_at_switch_over_when_the_disk_is_not_in_sync() {
     until("the destination's QEMU is gone", 60, || {
         (!b.qemu_alive(&id)).then_some(())
     });
+    lab(dir.path(), &["down"]);
+}
+
+/// Issues 12 and 13 (one VM, one place): a daemon frozen while its VM runs
+/// (SIGSTOP, as a hung daemon) cannot stop its QEMU itself. The lease
+/// watchdog, a separate process, kills it when the lease ends, which is
+/// before the partner (waiting for that lease plus a drift margin) starts
+/// the VM: sampled every 20 ms, the guest never runs on both PMs.
+#[test]
+fn a_hung_daemon_s_vm_is_killed_by_the_watchdog_before_the_partner_starts_it() {
+    let (lab_dir, a, mut b, id) = unit_with_demo(186);
+    let dir = &lab_dir.0;
+    let wlog = a.data.join("watchdog.log");
+    until("pm-a's watchdog runs", 30, || {
+        std::fs::read_to_string(&wlog)
+            .ok()
+            .filter(|l| l.contains("running"))
+    });
+    lab(dir.path(), &["freeze", "pm-a"]);
+    let frozen = Instant::now();
+    let mut a_gone = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (on_a, on_b) = (a.qemu_alive(&id), b.qemu_alive(&id));
+        assert!(
+            !(on_a && on_b),
+            "the guest runs on both PMs {:?} after the freeze",
+            frozen.elapsed()
+        );
+        if !on_a && a_gone.is_none() {
+            a_gone = Some(frozen.elapsed());
+        }
+        if on_b && demo_running_on(&mut b, "pm-b").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not run on pm-b; watchdog log:\n{}",
+            std::fs::read_to_string(&wlog).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started_b = frozen.elapsed();
+    let log = std::fs::read_to_string(&wlog).unwrap_or_default();
+    assert!(
+        log.contains("did not stop its VMs: killed QEMU pid"),
+        "{log}"
+    );
+    eprintln!(
+        "frozen daemon: its QEMU killed {:?} after the freeze, the VM started on pm-b {:?} after",
+        a_gone.unwrap(),
+        started_b
+    );
+    // Thawed, pm-a finds its VM gone and hosted by pm-b.
+    lab(dir.path(), &["thaw", "pm-a"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!a.qemu_alive(&id), "pm-a started the VM again");
+    assert!(demo_running_on(&mut b, "pm-b").is_some());
     lab(dir.path(), &["down"]);
 }

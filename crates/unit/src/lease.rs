@@ -103,6 +103,9 @@ struct Shared {
     /// whoever acted on the unit's records under an earlier term must
     /// catch up again.
     terms: AtomicU64,
+    /// Where the deadline is published for the watchdog (a process outside
+    /// the daemon), when set.
+    publisher: Mutex<Option<crate::watchdog::Publisher>>,
 }
 
 impl Shared {
@@ -137,6 +140,21 @@ impl Shared {
     fn extend_from(&self, sent: BootInstant) {
         let end = sent + Duration::from_millis(self.timing.lease_ms);
         let end_us = end.since_boot().as_micros() as u64;
+        // The watchdog learns of the new deadline before anything here can
+        // act on it (start a VM under it): it never kills under a lease
+        // this PM believes valid.
+        if end_us > self.deadline_us.load(Ordering::Acquire) {
+            if let Some(p) = self
+                .publisher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                if let Err(e) = p.write(end_us) {
+                    tracing::warn!("cannot publish the lease deadline to the watchdog: {e}");
+                }
+            }
+        }
         let now = self.now_us();
         let prev = self.deadline_us.fetch_max(end_us, Ordering::AcqRel);
         if prev <= now && end_us > now {
@@ -217,6 +235,7 @@ impl LeaseKeeper {
             voters: Mutex::new(BTreeMap::new()),
             needed: AtomicU64::new(0),
             terms: AtomicU64::new(0),
+            publisher: Mutex::new(None),
         });
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(db, shared.clone(), stop_rx));
@@ -254,6 +273,20 @@ impl LeaseKeeper {
     /// (`None` before the first one and after [`LeaseKeeper::shutdown`]).
     pub fn deadline(&self) -> Option<BootInstant> {
         self.shared.deadline()
+    }
+
+    /// Publishes every new deadline to `p` (for the watchdog), starting
+    /// with the current one.
+    pub fn publish_to(&self, p: crate::watchdog::Publisher) {
+        let d = self.shared.deadline_us.load(Ordering::Acquire);
+        if d > 0 {
+            let _ = p.write(d);
+        }
+        *self
+            .shared
+            .publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(p);
     }
 
     /// A cloneable view for synchronous predicates.
@@ -486,6 +519,7 @@ mod tests {
             voters: Mutex::new(BTreeMap::new()),
             needed: AtomicU64::new(0),
             terms: AtomicU64::new(0),
+            publisher: Mutex::new(None),
         }
     }
 

@@ -7,6 +7,7 @@ pub mod clock;
 pub mod health;
 pub mod lease;
 pub mod service;
+pub mod watchdog;
 
 pub use clock::BootInstant;
 pub use lease::{
