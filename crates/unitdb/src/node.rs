@@ -1365,6 +1365,37 @@ impl UnitDb {
         }
     }
 
+    /// The role a join grant gave node `id` (absent for the founding PM).
+    fn granted_role(&self, id: NodeId) -> Option<NodeRole> {
+        self.get_as::<NodeRecord>(NODES_TABLE, &id.to_string())
+            .ok()
+            .flatten()
+            .map(|r| r.role)
+    }
+
+    /// Which node (and role) a peer certificate belongs to: the role its
+    /// join grant recorded, else (the founding PM, which joined no one) the
+    /// membership's.
+    fn sender(&self, peer: Option<&CertificateDer<'static>>) -> Option<(NodeId, NodeRole)> {
+        let cert = peer?;
+        let check = &self.inner.node_check;
+        if let Ok(granted) = self.list(NODES_TABLE) {
+            for (k, _) in granted {
+                let Ok(id) = k.parse::<NodeId>() else {
+                    continue;
+                };
+                if check.names(cert, id) {
+                    return self.granted_role(id).map(|r| (id, r));
+                }
+            }
+        }
+        self.metrics()
+            .members
+            .into_iter()
+            .find(|m| check.names(cert, m.id))
+            .map(|m| (m.id, m.info.role))
+    }
+
     async fn handle(
         &self,
         path: &str,
@@ -1412,7 +1443,19 @@ impl UnitDb {
                 }
             }
             "/unit/write" => match parse::<Forwarded<Batch>>(&body) {
-                Ok(f) => json(&self.leader_write(f.req, self.limit(f.limit_ms)).await),
+                // Only a PM writes records: the witness is a voter, nothing
+                // more (it could otherwise write users, fences, or a PM
+                // record pointing the API forwarder at itself). The batch
+                // gets the same checks as a local write; reserved tables
+                // are allowed because a PM's internal writes (join grants,
+                // forced quorum) are forwarded here too.
+                Ok(f) => match self.sender(peer) {
+                    Some((_, NodeRole::Pm)) => match validate_batch(&f.req, true) {
+                        Ok(()) => json(&self.leader_write(f.req, self.limit(f.limit_ms)).await),
+                        Err(e) => json(&Outcome::<u64>::Failed(e.to_string())),
+                    },
+                    who => json(&Outcome::<u64>::Failed(refused_peer(who, "write records"))),
+                },
                 Err(e) => e,
             },
             "/unit/read-index" => match parse::<Forwarded<()>>(&body) {
@@ -1420,7 +1463,25 @@ impl UnitDb {
                 Err(e) => e,
             },
             "/unit/add-voter" => match parse::<Forwarded<AddVoter>>(&body) {
-                Ok(f) => {
+                Ok(mut f) => {
+                    // A PM adds anyone with a join grant; a joining node
+                    // only itself, with the role its token granted (not the
+                    // one it claims).
+                    let sender = self.sender(peer);
+                    let allowed = match sender {
+                        Some((_, NodeRole::Pm)) => true,
+                        Some((id, _)) => id == f.req.id,
+                        None => false,
+                    };
+                    if !allowed {
+                        return json(&Outcome::<u64>::Failed(refused_peer(
+                            sender,
+                            "add other nodes to the unit",
+                        )));
+                    }
+                    if let Some(role) = self.granted_role(f.req.id) {
+                        f.req.info.role = role;
+                    }
                     // Any member may receive it (a joining node asks the PM
                     // that issued its token); it is routed to the leader.
                     let limit = self.limit(f.limit_ms);
@@ -1435,7 +1496,12 @@ impl UnitDb {
                 Err(e) => e,
             },
             "/unit/remove-node" => match parse::<Forwarded<NodeId>>(&body) {
-                Ok(f) => json(&self.leader_remove_node(f.req, self.limit(f.limit_ms)).await),
+                Ok(f) => match self.sender(peer) {
+                    Some((_, NodeRole::Pm)) => {
+                        json(&self.leader_remove_node(f.req, self.limit(f.limit_ms)).await)
+                    }
+                    who => json(&Outcome::<u64>::Failed(refused_peer(who, "remove nodes"))),
+                },
                 Err(e) => e,
             },
             "/unit/join" => match parse::<JoinRequest>(&body) {
@@ -1460,6 +1526,17 @@ impl UnitDb {
             "/unit/ping" => json(&self.inner.id),
             _ => text(StatusCode::NOT_FOUND, "no such endpoint"),
         }
+    }
+}
+
+/// Why a peer request was refused (its sender and role).
+fn refused_peer(who: Option<(NodeId, NodeRole)>, what: &str) -> String {
+    match who {
+        Some((id, role)) => format!(
+            "node {id} is a {role}: only a PM may {what} (the witness votes and grants leases, \
+             nothing more)"
+        ),
+        None => format!("the sender's certificate names no node of this unit: it may not {what}"),
     }
 }
 

@@ -97,15 +97,26 @@ async fn losing_the_leader_elects_another_and_keeps_every_committed_write() {
             assert_eq!(r.map(|r| r.value), Some(json!(i)), "vm{i} on node {id}");
         }
     }
-    // Writes continue with 2 of 3, from either survivor.
-    for id in &alive {
+    // Writes continue with 2 of 3, from the surviving PM (the witness's own
+    // are refused unless it leads: it votes, it does not write).
+    let pms: Vec<u64> = alive.iter().copied().filter(|id| *id != 3).collect();
+    for id in &pms {
         c.node(*id)
             .db()
             .write(Batch::new().put("vms", &format!("after-{id}"), json!(id)))
             .await
             .unwrap();
     }
-    for id in &alive {
+    if new_leader != 3 && alive.contains(&3) {
+        let err = c
+            .node(3)
+            .db()
+            .write(Batch::new().put("vms", "after-3", json!(3)))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("only a PM"), "{err}");
+    }
+    for id in &pms {
         c.visible_on(&alive, "vms", &format!("after-{id}"), &json!(id))
             .await;
     }
@@ -492,8 +503,33 @@ async fn nodes_join_with_one_time_tokens() {
     };
     assert!(err.contains("expired"), "{err}");
 
-    // A write on the witness reaches the PMs.
-    let i = witness
+    // The witness votes and grants leases, nothing more (issue 13): with a
+    // PM leading, a write it forwards is refused, and so is a node removal;
+    // a PM's write is forwarded as before.
+    pm1.wait_until("a PM to lead", DEADLINE, |m| {
+        matches!(m.leader, Some(1) | Some(2))
+    })
+    .await
+    .unwrap();
+    for table in ["prefs", "users", pairvisor_unitdb::FENCES_TABLE] {
+        let err = witness
+            .write(Batch::new().put(table, "x", json!(false)))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("only a PM may write records"),
+            "{table}: {err}"
+        );
+    }
+    let err = witness.remove_node(2).await.unwrap_err();
+    assert!(
+        err.to_string().contains("only a PM may remove nodes"),
+        "{err}"
+    );
+    assert_eq!(pm1.get("prefs", "x").unwrap(), None);
+    let leader = pm1.metrics().leader.unwrap();
+    let follower = if leader == 1 { &pm2 } else { &pm1 };
+    let i = follower
         .write(Batch::new().put("prefs", "balancing", json!(false)))
         .await
         .unwrap();
@@ -507,8 +543,8 @@ async fn nodes_join_with_one_time_tokens() {
         nodes.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
         vec!["2", "3", "6"]
     );
-    // Node 6 is removed again (through the witness, forwarded to the leader).
-    witness.remove_node(6).await.unwrap();
+    // Node 6 is removed again (through a follower PM or the leader).
+    pm2.remove_node(6).await.unwrap();
     pm1.wait_until("node 6 to be gone", DEADLINE, |m| {
         m.members.iter().all(|x| x.id != 6) && m.voters().len() == 3
     })
