@@ -1918,9 +1918,24 @@ fn a_migration_is_cancelled_at_switch_over_when_the_disk_is_not_in_sync() {
         a.get("/vms/demo/migration")
             .filter(|m| m["phase"] == "copying")
     });
+    // The destination's daemon hangs long enough for the mirror link to
+    // time out. Its lease watchdog is frozen too: otherwise it would kill
+    // the destination's QEMU when the lease ends (its own test covers
+    // that), and the migration would fail before the switch-over check
+    // this test is about.
+    let watchdog = std::fs::read_to_string(b.data.join("run/watchdog.lock"))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(!watchdog.is_empty(), "pm-b runs no watchdog");
+    let signal = |sig: &str| {
+        let _ = Command::new("kill").args([sig, watchdog.as_str()]).status();
+    };
+    signal("-STOP");
     lab(dir.path(), &["freeze", "pm-b"]);
     let m = migration_done(&mut a, "demo", 180);
     lab(dir.path(), &["thaw", "pm-b"]);
+    signal("-CONT");
     assert_eq!(m["phase"], "failed", "{m}");
     assert!(
         m["error"]

@@ -1585,13 +1585,50 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response<Full<Bytes>>> {
         .map_err(|e| text(StatusCode::BAD_REQUEST, &format!("malformed request: {e}")))
 }
 
+/// Largest body accepted without a client certificate (a join request:
+/// a token secret and a public key).
+const UNAUTHENTICATED_BODY_LIMIT: usize = 16 << 10;
+
+/// TLS handshakes in progress at once (each bounded by a timeout): a
+/// stranger opening thousands of connections must not exhaust the daemon.
+const MAX_HANDSHAKES: usize = 64;
+
+/// Connections without a client certificate served at once (only the join
+/// call is served on them). Members' connections are not counted: a
+/// stranger cannot crowd them out.
+const MAX_UNAUTHENTICATED: usize = 8;
+
+/// HTTP/2 streams at once on one connection.
+const MAX_STREAMS: u32 = 32;
+
+/// A connection idle (no request in flight, nothing received) this long is
+/// closed; members reconnect on their next call.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 async fn serve(listener: TcpListener, acceptor: TlsAcceptor, node: Weak<Inner>) {
     let mut conns = JoinSet::new();
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let unauthenticated = Arc::new(tokio::sync::Semaphore::new(MAX_UNAUTHENTICATED));
+    let mut refused = 0u64;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
-                    conns.spawn(serve_conn(tcp, peer, acceptor.clone(), node.clone()));
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        refused += 1;
+                        if refused.is_power_of_two() {
+                            tracing::warn!(%peer, refused, "refused unit database connections: {MAX_HANDSHAKES} TLS handshakes already in progress");
+                        }
+                        continue;
+                    };
+                    conns.spawn(serve_conn(
+                        tcp,
+                        peer,
+                        acceptor.clone(),
+                        node.clone(),
+                        permit,
+                        unauthenticated.clone(),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -1603,7 +1640,14 @@ async fn serve(listener: TcpListener, acceptor: TlsAcceptor, node: Weak<Inner>) 
     }
 }
 
-async fn serve_conn(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, node: Weak<Inner>) {
+async fn serve_conn(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    node: Weak<Inner>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    unauthenticated: Arc<tokio::sync::Semaphore>,
+) {
     let _ = tcp.set_nodelay(true);
     let tls = match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
         Ok(Ok(s)) => s,
@@ -1624,14 +1668,48 @@ async fn serve_conn(tcp: TcpStream, peer: SocketAddr, acceptor: TlsAcceptor, nod
             .and_then(|c| c.first())
             .map(|c| c.clone().into_owned()),
     );
+    drop(handshake);
+    let _stranger = if peer.is_none() {
+        match unauthenticated.try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => return, // enough join attempts in progress
+        }
+    } else {
+        None
+    };
+    let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let seen = last_seen.clone();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let node = node.clone();
         let peer = peer.clone();
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         async move { Ok::<_, Infallible>(dispatch(node, peer, req).await) }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(Some(Duration::from_secs(20)))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    // Closed when idle: a request starts it counting again.
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(IDLE_TIMEOUT / 4) => {
+                let idle = last_seen.lock().unwrap_or_else(|e| e.into_inner()).elapsed();
+                if idle >= IDLE_TIMEOUT {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
 }
 
 async fn dispatch(
@@ -1669,7 +1747,19 @@ async fn dispatch(
         }
     }
     let path = req.uri().path().to_string();
-    let body = match Limited::new(req.into_body(), BODY_LIMIT).collect().await {
+    // Before a byte of the body is read: without a client certificate only
+    // the join call is served, and its body is small.
+    let limit = if peer.is_some() {
+        BODY_LIMIT
+    } else if path == "/unit/join" {
+        UNAUTHENTICATED_BODY_LIMIT
+    } else {
+        return text(
+            StatusCode::UNAUTHORIZED,
+            "a client certificate issued by this unit's CA is required",
+        );
+    };
+    let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => {
             return text(

@@ -555,3 +555,86 @@ async fn nodes_join_with_one_time_tokens() {
     }
     let _ = NodeInfo::default();
 }
+
+/// A TLS connection to `addr` without a client certificate (a stranger who
+/// knows the unit CA), speaking HTTP/1.1.
+async fn stranger(
+    addr: std::net::SocketAddr,
+    ca_fingerprint: &str,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut cfg = (*pairvisor_unitdb::tls::join_client_config(ca_fingerprint).unwrap()).clone();
+    cfg.alpn_protocols.clear();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("node-1.pairvisor.unit").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// Sends a request head (and `body` bytes of a declared `declared`) and
+/// returns the status line of the answer.
+async fn post_head(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+    declared: usize,
+    body: usize,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let head = format!("POST {path} HTTP/1.1\r\nhost: unit\r\ncontent-length: {declared}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (and stop reading) before the body is sent.
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.write_all(&vec![b'x'; body])).await;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Issue 13: on the unit port, a client without a certificate is refused
+/// everything but the join call before its body is read, the join call's
+/// body is capped at a few KiB, and strangers' connections are capped
+/// without crowding out the members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_unit_port_are_refused_before_their_bodies_are_read() {
+    let c = Cluster::three().await;
+    c.agree_on_leader(&[1, 2, 3]).await;
+    let addr = c.node(1).addr;
+    let fp = c.node(1).identity.ca_fingerprint().unwrap();
+    // A 64 MiB write announced: refused at once, the body never read.
+    let mut s = stranger(addr, &fp).await;
+    let t = Instant::now();
+    let status = post_head(&mut s, "/unit/write", 64 << 20, 4096).await;
+    assert!(status.contains(" 401 "), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    // A join call with a large body: cut at the cap.
+    let mut s = stranger(addr, &fp).await;
+    let status = post_head(&mut s, "/unit/join", 1 << 20, 1 << 20).await;
+    assert!(status.contains(" 413 "), "{status}");
+    // Many strangers at once: the extra ones are dropped, the members go on.
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(stranger(addr, &fp).await);
+    }
+    let i = c
+        .node(2)
+        .db()
+        .write(Batch::new().put("vms", "still", json!(1)))
+        .await
+        .unwrap();
+    c.node(1).db().wait_applied(i, DEADLINE).await.unwrap();
+    let mut answered = 0;
+    for s in held.iter_mut().take(20) {
+        if !post_head(s, "/unit/ping", 0, 0).await.is_empty() {
+            answered += 1;
+        }
+    }
+    assert!(
+        answered <= 8,
+        "{answered} stranger connections served at once"
+    );
+}
