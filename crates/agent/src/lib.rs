@@ -880,6 +880,9 @@ impl Agent {
         boot_cd: bool,
     ) -> Result<pairvisor_hypervisor::VmSpec> {
         use pairvisor_hypervisor::{Accel, Disk, DiskSource, KernelBoot, Nic, NicBackend, VmSpec};
+        // Checked again here, not only when set: it is run as root.
+        pairvisor_model::names::validate_qemu_binary(&settings.qemu_binary)
+            .map_err(AgentError::Invalid)?;
         let volumes: Vec<VolumeRecord> = self.inner.store.list()?;
         let mut disks = Vec::new();
         for (i, vname) in rec.volumes().enumerate() {

@@ -845,11 +845,7 @@ pub async fn update_settings(
             };
         }
         if let Some(b) = &p.qemu_binary {
-            if b.is_empty() || b.chars().any(|c| c.is_control() || c.is_whitespace()) {
-                return Err(ApiError::invalid(
-                    "qemu_binary must be a program name or absolute path without spaces or control characters",
-                ));
-            }
+            pairvisor_model::names::validate_qemu_binary(b).map_err(ApiError::invalid)?;
             s.qemu_binary = b.clone();
         }
         let mut mtbf: MtbfThreshold = s.vm_mtbf;
@@ -873,7 +869,9 @@ pub async fn update_settings(
             let ok = !tz.is_empty()
                 && tz.len() <= 64
                 && !tz.split('/').any(|c| c.is_empty() || c == "..")
-                && tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c));
+                && tz
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/_-+".contains(c));
             if !ok {
                 return Err(ApiError::invalid(format!(
                     "time zone '{tz}' is not an IANA zone name like Europe/Paris or UTC"

@@ -79,6 +79,15 @@ pub async fn serve(
                     req
                 },
             );
+            // HTTPS only, for a year: a browser that once reached the
+            // console never tries plain HTTP to it again.
+            let app = tower::ServiceExt::map_response(app, |mut resp: axum::response::Response| {
+                resp.headers_mut().insert(
+                    axum::http::header::STRICT_TRANSPORT_SECURITY,
+                    axum::http::HeaderValue::from_static("max-age=31536000"),
+                );
+                resp
+            });
             let conn = builder.serve_connection_with_upgrades(
                 TokioIo::new(stream),
                 TowerToHyperService::new(app),

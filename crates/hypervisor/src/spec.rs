@@ -530,6 +530,11 @@ pub fn command_line(spec: &VmSpec, run_dir: &Path) -> Result<Vec<String>, SpecEr
     push(&["-smp", &spec.vcpus.to_string()]);
     push(&["-m", &spec.memory_mib.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    // QEMU runs as root and parses what a guest sends: seccomp forbids the
+    // system calls it never needs (obsolete ones, scheduler and resource
+    // changes). Not `spawn=deny` nor `elevateprivileges=deny`: -daemonize
+    // forks and calls setsid, which they forbid.
+    push(&["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
     push(&["-msg", "timestamp=on"]);
     if spec.start_paused {
         push(&["-S"]);
@@ -714,6 +719,11 @@ mod tests {
         assert!(has_pair(&args, "-machine", "pc"));
         assert!(has_pair(&args, "-smp", "2"));
         assert!(has_pair(&args, "-m", "512"));
+        assert!(has_pair(
+            &args,
+            "-sandbox",
+            "on,obsolete=deny,resourcecontrol=deny"
+        ));
         for flag in ["-nodefaults", "-no-user-config", "-daemonize"] {
             assert!(args.iter().any(|a| a == flag), "{flag} missing");
         }

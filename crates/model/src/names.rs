@@ -73,6 +73,42 @@ pub fn validate_name(kind: &'static str, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Directories a QEMU binary given as an absolute path may live in: owned
+/// by root, written by the package manager, never by an API call.
+pub const QEMU_DIRS: &[&str] = &["/usr/bin", "/usr/local/bin", "/usr/libexec", "/bin"];
+
+/// Checks the `qemu_binary` setting (issue 13): it is run as root on every
+/// PM, so it must be a QEMU system emulator — `qemu-system-ARCH` (or
+/// `qemu-kvm`) on the PATH, or that file in one of [`QEMU_DIRS`]. The error
+/// says what is allowed.
+pub fn validate_qemu_binary(b: &str) -> Result<(), String> {
+    let allowed = || {
+        format!(
+            "qemu_binary '{}' is not allowed: give qemu-system-ARCH (or qemu-kvm), found on the \
+             PATH, or its absolute path in {}",
+            b.escape_default(),
+            QEMU_DIRS.join(", ")
+        )
+    };
+    let (dir, file) = match b.rsplit_once('/') {
+        Some((d, f)) => (Some(if d.is_empty() { "/" } else { d }), f),
+        None => (None, b),
+    };
+    let name_ok = file == "qemu-kvm"
+        || file.strip_prefix("qemu-system-").is_some_and(|arch| {
+            !arch.is_empty()
+                && arch
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+        });
+    let dir_ok = dir.is_none_or(|d| QEMU_DIRS.contains(&d));
+    if name_ok && dir_ok {
+        Ok(())
+    } else {
+        Err(allowed())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +139,34 @@ mod tests {
             if let Err(e) = r {
                 assert!(e.to_string().contains(msg), "{name:?}: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn qemu_binaries() {
+        for ok in [
+            "qemu-system-x86_64",
+            "qemu-system-aarch64",
+            "qemu-kvm",
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/libexec/qemu-kvm",
+        ] {
+            assert!(validate_qemu_binary(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/tmp/qemu-system-x86_64",
+            "/usr/bin/../../tmp/qemu-system-x86_64",
+            "/usr/bin/sh",
+            "sh",
+            "qemu-system-",
+            "qemu-system-x86_64 -evil",
+            "qemu-system-X86",
+            "/usr/bin/",
+            "./qemu-system-x86_64",
+        ] {
+            let e = validate_qemu_binary(bad).unwrap_err();
+            assert!(e.contains("qemu-system-ARCH"), "{bad}: {e}");
         }
     }
 }

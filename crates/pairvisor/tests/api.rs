@@ -565,6 +565,19 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         "invalid_input",
         "resync_rate_mbps",
     );
+    // The QEMU binary runs as root on every PM: only a QEMU system
+    // emulator, by name or from a system directory.
+    for b in ["/tmp/qemu-system-x86_64", "/bin/sh", "bash"] {
+        refused(
+            &d,
+            "PATCH",
+            "/settings",
+            Some(json!({"qemu_binary": b})),
+            400,
+            "invalid_input",
+            "give qemu-system-ARCH",
+        );
+    }
 
     // Users.
     refused(
@@ -677,6 +690,14 @@ fn vcd_upload_add_insert_remove_and_interrupted_upload() {
         assert!(
             answer.contains(&format!("Location: https://{addr}/ui/vms?x=1\r\n")),
             "{answer}"
+        );
+        // And HTTPS answers tell browsers to stay on HTTPS (HSTS).
+        let r = d.http().get(format!("{}/health", d.url)).send().unwrap();
+        assert_eq!(
+            r.headers()
+                .get("strict-transport-security")
+                .and_then(|v| v.to_str().ok()),
+            Some("max-age=31536000")
         );
     }
 
