@@ -459,9 +459,9 @@ impl Agent {
             self.load_vcd(cd)?;
         }
         if let Some(k) = &req.kernel {
-            check_host_file("kernel", &k.kernel)?;
+            self.check_host_file("kernel", &k.kernel)?;
             if let Some(i) = &k.initrd {
-                check_host_file("initrd", i)?;
+                self.check_host_file("initrd", i)?;
             }
             if k.cmdline.contains('\0') {
                 return Err(AgentError::Invalid(
@@ -929,6 +929,13 @@ impl Agent {
         spec.disks = disks;
         spec.cdrom = cdrom;
         spec.boot_once_cdrom = boot_cd;
+        // Checked again at every launch: QEMU (root) reads these files.
+        if let Some(k) = &rec.kernel {
+            self.check_host_file("kernel", &k.kernel)?;
+            if let Some(i) = &k.initrd {
+                self.check_host_file("initrd", i)?;
+            }
+        }
         spec.kernel_boot = rec.kernel.as_ref().map(|k| KernelBoot {
             kernel: PathBuf::from(&k.kernel),
             initrd: k.initrd.as_ref().map(PathBuf::from),
@@ -1425,21 +1432,15 @@ fn nic_record(n: &NicRequest) -> Result<pairvisor_store::NicRecord> {
     })
 }
 
-fn check_host_file(what: &str, path: &str) -> Result<()> {
-    let p = std::path::Path::new(path);
-    if !p.is_absolute() {
-        return Err(AgentError::Invalid(format!(
-            "{what} path '{path}' is not absolute; give the full path of a file on the PM"
-        )));
-    }
-    match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(AgentError::Invalid(format!(
-            "{what} path '{path}' is not a regular file"
-        ))),
-        Err(_) => Err(AgentError::Invalid(format!(
-            "{what} file '{path}' does not exist"
-        ))),
+impl Agent {
+    /// A host file an API call names (kernel, initrd, VCD source): it must
+    /// be in an import directory.
+    pub(crate) fn check_host_file(&self, what: &str, path: &str) -> Result<()> {
+        self.inner
+            .paths
+            .check_import(what, path)
+            .map(|_| ())
+            .map_err(AgentError::Invalid)
     }
 }
 

@@ -6,12 +6,72 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct Paths {
     root: PathBuf,
+    /// Host directories from which files may be taken by an API call (VCD
+    /// copies, kernels, initrds): what an administrator's call may read on
+    /// the host is confined to them (issue 13).
+    import_dirs: Vec<PathBuf>,
 }
 
 impl Paths {
-    /// The layout under `root`.
+    /// The layout under `root`; files are imported from `root/import` only.
     pub fn new(root: impl Into<PathBuf>) -> Paths {
-        Paths { root: root.into() }
+        let root = root.into();
+        Paths {
+            import_dirs: vec![root.join("import")],
+            root,
+        }
+    }
+
+    /// The directories files may be imported from (the daemon's
+    /// `--import-dir`; `DATA/import` always).
+    pub fn with_import_dirs(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> Paths {
+        self.import_dirs.extend(dirs);
+        self
+    }
+
+    /// Where an API call may take host files from.
+    pub fn import_dirs(&self) -> &[PathBuf] {
+        &self.import_dirs
+    }
+
+    /// Resolves `path` (absolute, symlinks and `..` followed) and checks
+    /// that it is a regular file inside an import directory. The error says
+    /// what is wrong and where files may come from.
+    pub fn check_import(&self, what: &str, path: &str) -> Result<PathBuf, String> {
+        let p = Path::new(path);
+        if !p.is_absolute() {
+            return Err(format!(
+                "{what} path '{path}' is not absolute; give the full path of a file in an import \
+                 directory ({})",
+                self.import_list()
+            ));
+        }
+        let real =
+            std::fs::canonicalize(p).map_err(|_| format!("{what} file '{path}' does not exist"))?;
+        let inside = self
+            .import_dirs
+            .iter()
+            .any(|d| std::fs::canonicalize(d).is_ok_and(|d| real.starts_with(&d)));
+        if !inside {
+            return Err(format!(
+                "{what} file '{path}' is outside the import directories ({}): an API call may \
+                 only read host files from there. Copy the file into one of them, or start the \
+                 daemon with --import-dir for its directory",
+                self.import_list()
+            ));
+        }
+        match std::fs::metadata(&real) {
+            Ok(m) if m.is_file() => Ok(real),
+            _ => Err(format!("{what} path '{path}' is not a regular file")),
+        }
+    }
+
+    fn import_list(&self) -> String {
+        self.import_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The data directory itself.
@@ -61,6 +121,7 @@ impl Paths {
             self.vcd_dir(),
             self.dump_dir(),
             self.tmp_dir(),
+            self.root.join("import"),
         ] {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -176,5 +237,43 @@ mod tests {
         assert_eq!(r.loose[0], (f, 0o644));
         let m = std::fs::metadata(&root).unwrap().permissions().mode() & 0o777;
         assert_eq!(m, 0o700);
+    }
+
+    #[test]
+    fn imports_are_confined_to_the_import_directories() {
+        let t = tempfile::tempdir().unwrap();
+        let extra = t.path().join("images");
+        std::fs::create_dir_all(&extra).unwrap();
+        let p = Paths::new(t.path().join("data")).with_import_dirs([extra.clone()]);
+        p.create_all().unwrap();
+        let ok = extra.join("k");
+        std::fs::write(&ok, b"k").unwrap();
+        let inside = t.path().join("data/import/i");
+        std::fs::write(&inside, b"i").unwrap();
+        assert!(p.check_import("kernel", ok.to_str().unwrap()).is_ok());
+        assert!(p.check_import("kernel", inside.to_str().unwrap()).is_ok());
+        // Out: another file, `..`, a symlink pointing out, a relative path.
+        let secret = t.path().join("data/state.redb");
+        std::fs::write(&secret, b"s").unwrap();
+        let dotdot = format!("{}/../data/state.redb", extra.display());
+        let link = extra.join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        for bad in [
+            secret.to_str().unwrap(),
+            dotdot.as_str(),
+            link.to_str().unwrap(),
+            "/etc/passwd",
+        ] {
+            let e = p.check_import("initrd", bad).unwrap_err();
+            assert!(e.contains("outside the import directories"), "{bad}: {e}");
+        }
+        assert!(p
+            .check_import("kernel", "k")
+            .unwrap_err()
+            .contains("not absolute"));
+        assert!(p
+            .check_import("kernel", extra.to_str().unwrap())
+            .unwrap_err()
+            .contains("not a regular file"));
     }
 }

@@ -500,34 +500,17 @@ impl Agent {
     /// Adds a VCD by copying an ISO file on the PM.
     pub async fn add_vcd_from_path(&self, req: AddVcd) -> Result<VcdView> {
         self.check_new_vcd(&req.name)?;
-        let src = Path::new(&req.path);
-        if !src.is_absolute() {
+        let src = self
+            .paths()
+            .check_import("VCD", &req.path)
+            .map_err(AgentError::Invalid)?;
+        if std::fs::metadata(&src).map(|m| m.len()).unwrap_or(0) == 0 {
             return Err(AgentError::Invalid(format!(
-                "VCD path '{}' is not absolute; give the full path of an ISO file on the PM",
+                "VCD file '{}' is empty",
                 req.path
             )));
         }
-        match std::fs::metadata(src) {
-            Ok(m) if m.is_file() && m.len() > 0 => {}
-            Ok(m) if m.is_file() => {
-                return Err(AgentError::Invalid(format!(
-                    "VCD file '{}' is empty",
-                    req.path
-                )))
-            }
-            Ok(_) => {
-                return Err(AgentError::Invalid(format!(
-                    "VCD path '{}' is not a regular file",
-                    req.path
-                )))
-            }
-            Err(_) => {
-                return Err(AgentError::Invalid(format!(
-                    "VCD file '{}' does not exist",
-                    req.path
-                )))
-            }
-        }
+        let src = src.as_path();
         let len = std::fs::metadata(src).map(|m| m.len()).unwrap_or(0);
         self.check_file_space("the VCD copy", &self.paths().tmp_dir(), len)?;
         let tmp = self.tmp_file(&req.name);

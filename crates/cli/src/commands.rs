@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the PM daemon.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the witness: a unit database voter that runs no VMs.
     Witness(WitnessArgs),
     /// The lease watchdog (started by the daemon): kills this PM's VMs when
@@ -134,6 +134,11 @@ pub struct ServeArgs {
     /// The private key of --tls-cert (PEM).
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A host directory API calls may take files from (VCD copies, kernels,
+    /// initrds), besides DATA_DIR/import; repeatable. Nothing else on the
+    /// host can be named by an API call.
+    #[arg(long = "import-dir")]
+    pub import_dirs: Vec<PathBuf>,
     /// More names (DNS names or addresses, e.g. the unit's management
     /// address) for the certificate the PM makes itself; repeatable.
     #[arg(long = "api-name")]

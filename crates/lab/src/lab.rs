@@ -147,7 +147,17 @@ fn plan(opts: &UpOptions, topo: Option<&Topology>, password: &Path) -> Vec<Plan>
         (17480, 17490, 17500)
     };
     let pm = |name: &str, biz: &str, private: &str, p: u16| -> Vec<String> {
-        vec![
+        // The demo VM boots the test guest's kernel: API calls may name
+        // files there.
+        let import: Vec<String> = opts
+            .guest_dir
+            .iter()
+            .flat_map(|g| {
+                let g = std::fs::canonicalize(g).unwrap_or_else(|_| g.clone());
+                ["--import-dir".to_string(), g.display().to_string()]
+            })
+            .collect();
+        let mut args: Vec<String> = vec![
             "serve".into(),
             "--data-dir".into(),
             opts.dir.join(name).display().to_string(),
@@ -165,7 +175,9 @@ fn plan(opts: &UpOptions, topo: Option<&Topology>, password: &Path) -> Vec<Plan>
             "tcg".into(),
             "--admin-password-file".into(),
             password.display().to_string(),
-        ]
+        ];
+        args.extend(import);
+        args
     };
     vec![
         Plan {

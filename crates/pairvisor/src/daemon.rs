@@ -45,7 +45,7 @@ pub async fn serve(args: ServeArgs) -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     private_umask();
-    let paths = Paths::new(&args.data_dir);
+    let paths = Paths::new(&args.data_dir).with_import_dirs(args.import_dirs.iter().cloned());
     paths
         .create_all()
         .with_context(|| format!("creating data directory {}", args.data_dir.display()))?;

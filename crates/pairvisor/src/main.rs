@@ -16,7 +16,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(args) => match rt.block_on(daemon::serve(args)) {
+        Command::Serve(args) => match rt.block_on(daemon::serve(*args)) {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("error: {e:#}");

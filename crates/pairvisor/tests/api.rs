@@ -516,6 +516,16 @@ fn bad_input_is_refused_clearly_and_changes_nothing() {
         Some(json!({"name": "cd", "path": "/tmp"})),
         400,
         "invalid_input",
+        "outside the import directories",
+    );
+    let import_dir = d.data.path().join("import").display().to_string();
+    refused(
+        &d,
+        "POST",
+        "/vcds",
+        Some(json!({"name": "cd", "path": import_dir})),
+        400,
+        "invalid_input",
         "not a regular file",
     );
     refused(
@@ -630,10 +640,40 @@ fn vcd_upload_add_insert_remove_and_interrupted_upload() {
     assert_eq!(v["can_remove"], true);
     let stored = std::fs::read(d.data.path().join("vcds/install.iso")).unwrap();
     assert_eq!(stored, iso, "uploaded image stored byte for byte");
-    // Add from a path on the PM.
-    let src = d.data.path().join("local.iso");
+    // Add from a path on the PM: only from an import directory.
+    let src = d.data.path().join("import/local.iso");
     std::fs::write(&src, b"ISO DATA").unwrap();
     d.ok("POST", "/vcds", Some(json!({"name": "local", "path": src})));
+    for secret in [
+        d.data
+            .path()
+            .join("tls/api-ca-key.pem")
+            .display()
+            .to_string(),
+        format!("{}/import/../state.redb", d.data.path().display()),
+        "/etc/shadow".to_string(),
+    ] {
+        refused(
+            &d,
+            "POST",
+            "/vcds",
+            Some(json!({"name": "stolen", "path": secret})),
+            400,
+            "invalid_input",
+            "outside the import directories",
+        );
+    }
+    let mut vm = vm_body("thief");
+    vm["kernel"] = json!({"kernel": "/etc/shadow", "cmdline": ""});
+    refused(
+        &d,
+        "POST",
+        "/vms",
+        Some(vm),
+        400,
+        "invalid_input",
+        "outside the import directories",
+    );
     refused(
         &d,
         "PUT",
@@ -1096,7 +1136,7 @@ fn uploads_and_copies_that_would_fill_the_disk_are_refused() {
     let tmp = d.data.path().join("tmp");
     let _fs = Tmpfs::mount(&tmp, 160);
     // A copy from a path on the PM: refused before a byte is written.
-    let src = d.data.path().join("big.iso");
+    let src = d.data.path().join("import/big.iso");
     std::fs::File::create(&src)
         .unwrap()
         .set_len(64 << 20)

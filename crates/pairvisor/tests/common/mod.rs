@@ -125,6 +125,9 @@ impl Daemon {
             .arg(&self.listen)
             .arg("--accel")
             .arg("tcg")
+            // The test guest's kernel and ISO may be named by API calls.
+            .arg("--import-dir")
+            .arg(std::fs::canonicalize(guest_dir()).unwrap_or_else(|_| guest_dir()))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
