@@ -415,3 +415,80 @@ fn replication_peer_frames_are_checked() {
     );
     assert_eq!(pb.status()["role"], "secondary");
 }
+
+/// Writes `bytes` to `s` and drains the answer until the server closes the
+/// connection or goes quiet.
+fn throw(s: &mut (impl Read + Write), bytes: &[u8]) {
+    let _ = s.write_all(bytes);
+    let _ = s.flush();
+    let mut sink = [0u8; 4096];
+    while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+}
+
+/// Issue 13: arbitrary bytes on every port a partner or a local client can
+/// reach — NBD before and after the greeting, replication after the
+/// server's hello, the control socket — never take the replica process
+/// down, never change its metadata, and a well-behaved client is served
+/// right after (proptest: 64 generated cases, shrunk on failure).
+#[test]
+fn random_bytes_on_every_port_never_take_the_server_down() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "a", 8 * MIB);
+    let p = n.start("primary", 1);
+    let meta = std::fs::read(n.dir.join("meta.json")).unwrap();
+    let nbd = n.nbd_addr();
+    let repl = n.repl_addr();
+    let control = n.control.clone();
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let bytes = proptest::collection::vec(any::<u8>(), 0..8192);
+    runner
+        .run(&(0u8..4, bytes), |(port, bytes)| {
+            let quick = Some(Duration::from_millis(200));
+            match port {
+                0 => {
+                    let mut s = connect(&nbd);
+                    s.set_read_timeout(quick).unwrap();
+                    throw(&mut s, &bytes);
+                }
+                1 => {
+                    let mut s = connect(&nbd);
+                    greet(&mut s, FLAG_C_FIXED_NEWSTYLE);
+                    s.set_read_timeout(quick).unwrap();
+                    let mut v = IHAVEOPT.to_be_bytes().to_vec();
+                    v.extend_from_slice(&bytes);
+                    throw(&mut s, &v);
+                }
+                2 => {
+                    let mut s = connect(&repl);
+                    let mut g = [0u8; 44];
+                    s.read_exact(&mut g).unwrap();
+                    s.set_read_timeout(quick).unwrap();
+                    throw(&mut s, &bytes);
+                }
+                _ => {
+                    let mut s = std::os::unix::net::UnixStream::connect(&control).unwrap();
+                    s.set_read_timeout(quick).unwrap();
+                    let mut v = bytes.clone();
+                    v.push(b'\n');
+                    throw(&mut s, &v);
+                }
+            }
+            // Still up and serving, nothing changed.
+            prop_assert_eq!(&p.status()["role"], "primary");
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(std::fs::read(n.dir.join("meta.json")).unwrap(), meta);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let c = NbdClient::connect_tcp(&nbd, "vol").await.unwrap();
+        c.write(4096, &[7u8; 4096], true).await.unwrap();
+        assert_eq!(c.read(4096, 4096).await.unwrap(), vec![7u8; 4096]);
+    });
+}

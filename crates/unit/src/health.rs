@@ -527,6 +527,30 @@ impl Shared {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Issue 13: any bytes from the network decode without a panic,
+        /// and nothing is believed without the unit secret's MAC, even a
+        /// genuine datagram with one bit flipped.
+        #[test]
+        fn arbitrary_datagrams_are_refused_without_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            node: u64, session: u64, seq: u64, sent_ns: u64, link: u8,
+            ping: bool, flip in 0usize..(DATAGRAM_LEN * 8),
+        ) {
+            let key = b"0123456789abcdef-unit-secret";
+            proptest::prop_assert!(decode(key, &bytes).is_none());
+            let d = Datagram {
+                kind: if ping { KIND_PING } else { KIND_ECHO },
+                link, node, session, seq, sent_ns,
+            };
+            let mut b = encode(key, &d);
+            proptest::prop_assert_eq!(decode(key, &b), Some(d));
+            proptest::prop_assert!(decode(b"another secret of the right size", &b).is_none());
+            b[flip / 8] ^= 1 << (flip % 8);
+            proptest::prop_assert!(decode(key, &b).is_none());
+        }
+    }
+
     #[test]
     fn datagram_round_trip_and_rejections() {
         let key = b"0123456789abcdef-unit-secret";

@@ -262,6 +262,17 @@ pub fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any 28 bytes decode without a panic, and what decodes encodes
+        /// back to the same bytes.
+        #[test]
+        fn any_request_header_decodes_or_is_refused(b: [u8; 28]) {
+            if let Some(r) = Request::decode(&b) {
+                proptest::prop_assert_eq!(r.encode(), b);
+            }
+        }
+    }
+
     #[test]
     fn request_roundtrip_and_bad_magic() {
         let r = Request {

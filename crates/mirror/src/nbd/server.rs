@@ -648,6 +648,24 @@ fn parse_meta_query(d: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The option parsers take any bytes without a panic, and what they
+        /// return lies within the input (no length field is believed past
+        /// its end).
+        #[test]
+        fn option_parsers_take_any_bytes(
+            d in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            if let Some((name, infos)) = parse_info(&d) {
+                proptest::prop_assert!(name.len() + 2 * infos.len() + 6 <= d.len());
+            }
+            if let Some((name, queries)) = parse_meta_query(&d) {
+                let total: usize = queries.iter().map(|q| q.len() + 4).sum();
+                proptest::prop_assert!(name.len() + total + 8 <= d.len());
+            }
+        }
+    }
+
     #[test]
     fn parse_info_table() {
         let mut good = 3u32.to_be_bytes().to_vec();

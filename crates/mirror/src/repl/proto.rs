@@ -227,6 +227,22 @@ pub const LABEL_SERVER: &[u8] = b"pv-mirror server";
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Any 32 bytes decode without a panic; a header decodes back to
+        /// exactly what was encoded.
+        #[test]
+        fn any_header_decodes_or_is_refused(
+            b: [u8; 32], kind: u16, flags: u16, id: u64, offset: u64, len: u32, aux: u32,
+        ) {
+            if let Some(f) = Frame::decode(&b) {
+                proptest::prop_assert_eq!(f.encode(), b);
+            }
+            let f = Frame { kind, flags, id, offset, len, aux };
+            let back = Frame::decode(&f.encode()).unwrap();
+            proptest::prop_assert_eq!(back.encode(), f.encode());
+        }
+    }
+
     #[test]
     fn frame_roundtrip() {
         let f = Frame {
