@@ -25,6 +25,15 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_PLAIN_HEAD: usize = 8 << 10;
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
+/// Connections not yet past their TLS handshake (or plain redirect): each
+/// is bounded by [`HANDSHAKE_TIMEOUT`]; beyond this many, new ones are
+/// dropped, so that a flood of half-open connections cannot exhaust the
+/// daemon (its lease keeper and mirror share the runtime).
+const MAX_HANDSHAKES: usize = 128;
+/// HTTP/2 streams at once on one connection.
+const MAX_STREAMS: u32 = 64;
+/// A client must send its request head within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves `app` on `listener` over TLS until `shutdown` completes.
 pub async fn serve(
@@ -35,6 +44,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let graceful = GracefulShutdown::new();
+    let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -48,6 +58,10 @@ pub async fn serve(
                 }
             },
             _ = &mut shutdown => break,
+        };
+        let Ok(handshake) = handshakes.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "API connection dropped: {MAX_HANDSHAKES} handshakes in progress");
+            continue;
         };
         let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
@@ -68,7 +82,16 @@ pub async fn serve(
                 }
                 Err(_) => return,
             };
-            let builder = Builder::new(TokioExecutor::new());
+            drop(handshake);
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            builder
+                .http2()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_concurrent_streams(MAX_STREAMS);
             // Handlers that limit per client (login throttling) see its
             // address as axum's ConnectInfo.
             let app = tower::ServiceExt::map_request(

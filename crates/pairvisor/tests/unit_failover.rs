@@ -2021,3 +2021,178 @@ fn a_hung_daemon_s_vm_is_killed_by_the_watchdog_before_the_partner_starts_it() {
     assert!(demo_running_on(&mut b, "pm-b").is_some());
     lab(dir.path(), &["down"]);
 }
+
+/// Issue 13, the abuse harness: against a lab unit whose VM writes and
+/// floods its console, strangers flood pm-a's logins, send big bodies and
+/// many connections to its unit port, and spam its API with long
+/// unauthenticated paths — all at once, for 30 s. Meanwhile both PMs keep
+/// their leases, the VM is never stopped, pm-a's data directory grows
+/// within its bounds, and a normal request still answers (the figures are
+/// printed).
+#[test]
+fn abuse_harness_keeps_leases_vms_and_the_api_up() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let (lab_dir, mut a, mut b, id) = unit_with_demo(188);
+    let dir = &lab_dir.0;
+    // The console flood rotates at 1 MiB.
+    let (c, v) = a
+        .call(
+            "PATCH",
+            "/settings",
+            Some(json!({"console_log_max_mib": 1})),
+        )
+        .unwrap();
+    assert_eq!(c, 200, "{v}");
+    let pid = a.vm("demo").unwrap()["pid"].clone();
+    // Tokens first: the login flood shuts this address out for a minute.
+    assert!(a.get("/unit").is_some() && b.get("/unit").is_some());
+    let du = |p: &Path| -> u64 {
+        let out = Command::new("du").args(["-sb"]).arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = du(&a.data);
+    a.type_line(&id, "pv writer 31 64");
+    a.type_line(&id, "pv flood 24");
+    let url = a.url.clone();
+    let unit_addr = format!(
+        "{}:7481",
+        url.trim_start_matches("https://")
+            .rsplit_once(':')
+            .unwrap()
+            .0
+    );
+    let stop = AtomicBool::new(false);
+    let (logins, logins_429, bodies, bodies_refused, spam, conns_refused) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let ca = a.data.join("tls/api-ca.pem");
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut lease_lost: Vec<String> = Vec::new();
+    std::thread::scope(|s| {
+        // Login flood.
+        for t in 0..3 {
+            let (url, ca, stop, logins, logins_429) = (&url, &ca, &stop, &logins, &logins_429);
+            s.spawn(move || {
+                let http = common::https_client_with_timeout(ca, Duration::from_secs(10));
+                let mut i = 0u64;
+                while !stop.load(SeqCst) {
+                    i += 1;
+                    if let Ok(r) = http
+                        .post(format!("{url}/api/v1/auth/login"))
+                        .json(&json!({"user": format!("guess{t}-{i}"), "password": "x"}))
+                        .send()
+                    {
+                        logins.fetch_add(1, SeqCst);
+                        if r.status() == 429 {
+                            logins_429.fetch_add(1, SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        // Big bodies and many connections on the unit port.
+        {
+            let (unit_addr, stop, bodies, bodies_refused, conns_refused) =
+                (&unit_addr, &stop, &bodies, &bodies_refused, &conns_refused);
+            s.spawn(move || {
+                let mut held = Vec::new();
+                while !stop.load(SeqCst) {
+                    use std::io::Read;
+                    match common::stranger_tls(unit_addr) {
+                        Some(mut c) => {
+                            let head = "POST /unit/write HTTP/1.1\r\nhost: u\r\ncontent-length: 67108864\r\n\r\n";
+                            let _ = c.write_all(head.as_bytes());
+                            let _ = c.write_all(&[0u8; 65536]);
+                            bodies.fetch_add(1, SeqCst);
+                            let mut buf = [0u8; 64];
+                            if c.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 401")) {
+                                bodies_refused.fetch_add(1, SeqCst);
+                            }
+                            if held.len() < 50 {
+                                held.push(c);
+                            }
+                        }
+                        None => {
+                            conns_refused.fetch_add(1, SeqCst);
+                        }
+                    }
+                }
+            });
+        }
+        // Long unauthenticated paths (audit spam).
+        {
+            let (url, ca, stop, spam) = (&url, &ca, &stop, &spam);
+            s.spawn(move || {
+                let http = common::https_client_with_timeout(ca, Duration::from_secs(10));
+                let long = "x".repeat(6000);
+                while !stop.load(SeqCst) {
+                    if http
+                        .post(format!("{url}/api/v1/vms/{long}/start"))
+                        .send()
+                        .is_ok()
+                    {
+                        spam.fetch_add(1, SeqCst);
+                    }
+                }
+            });
+        }
+        // The normal client and the invariants, every 250 ms for 30 s.
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            let t = Instant::now();
+            let ua = a.get("/unit");
+            latencies.push(t.elapsed());
+            let ub = b.get("/unit");
+            for (pm, u) in [("pm-a", &ua), ("pm-b", &ub)] {
+                if u.as_ref().is_none_or(|u| u["holds_lease"] != true) {
+                    lease_lost.push(format!("{pm} at {:?}", Instant::now()));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        stop.store(true, SeqCst);
+    });
+    latencies.sort();
+    let p = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let grown = du(&a.data).saturating_sub(before);
+    let vm = a.vm("demo").unwrap();
+    let report = json!({
+        "logins_sent": logins.load(SeqCst),
+        "logins_refused_429": logins_429.load(SeqCst),
+        "unit_port_bodies_sent": bodies.load(SeqCst),
+        "unit_port_bodies_refused_401": bodies_refused.load(SeqCst),
+        "unit_port_connections_refused": conns_refused.load(SeqCst),
+        "unauthenticated_posts": spam.load(SeqCst),
+        "normal_request_ms_p50": p(0.5).as_millis() as u64,
+        "normal_request_ms_p99": p(0.99).as_millis() as u64,
+        "normal_request_ms_max": latencies.last().unwrap().as_millis() as u64,
+        "data_dir_growth_bytes": grown,
+        "lease_lost_samples": lease_lost.len(),
+    });
+    eprintln!("abuse harness: {report}");
+    assert!(lease_lost.is_empty(), "a lease was lost: {lease_lost:?}");
+    assert_eq!(vm["pid"], pid, "the VM was stopped or restarted: {vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert!(
+        *latencies.last().unwrap() < Duration::from_secs(5),
+        "a normal request took {:?}",
+        latencies.last().unwrap()
+    );
+    assert!(logins_429.load(SeqCst) > 0 && bodies_refused.load(SeqCst) > 0);
+    // Console log (capped: 2 MiB) and the writer's disk (64 blocks of a
+    // 64 MiB sparse volume): no audit record and no unbounded log.
+    assert!(
+        grown < 24 << 20,
+        "pm-a's data directory grew by {grown} bytes"
+    );
+    lab(dir.path(), &["down"]);
+}
