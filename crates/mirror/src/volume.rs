@@ -410,6 +410,9 @@ enum Op {
 /// [`Volume::read`]); longer copies would hold up the runtime's thread.
 const INLINE_READ_MAX: u32 = 256 << 10;
 
+/// Replication connections still in their handshake, at most.
+const MAX_PENDING_HANDSHAKES: usize = 16;
+
 /// Regions a resync keeps in flight to the partner.
 const RESYNC_INFLIGHT: usize = 4;
 
@@ -1726,12 +1729,31 @@ impl Volume {
 
     /// Accepts replication connections until the task is cancelled.
     pub async fn serve_replication(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        // Unauthenticated connections (before the handshake, each bounded
+        // by its timeout) are capped: a stranger opening many cannot
+        // exhaust the daemon. The one partner needs one at a time.
+        let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         loop {
             let (s, peer) = listener.accept().await?;
+            // The partner's own address is never crowded out by strangers.
+            let from_partner = self.lock().partner.as_deref().is_some_and(|p| {
+                p.rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']))
+                    .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                    == Some(peer.ip())
+            });
+            let permit = match pending.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) if from_partner => None,
+                Err(_) => {
+                    tracing::debug!("replication connection from {peer} dropped: {MAX_PENDING_HANDSHAKES} handshakes pending");
+                    continue;
+                }
+            };
             let _ = s.set_nodelay(true);
             let me = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.handle_incoming(s, peer.to_string()).await {
+                if let Err(e) = me.handle_incoming(s, peer.to_string(), permit).await {
                     tracing::info!("replication connection from {peer}: {e}");
                 }
             });
@@ -1742,12 +1764,14 @@ impl Volume {
         self: Arc<Self>,
         stream: TcpStream,
         peer: String,
+        handshake: Option<tokio::sync::OwnedSemaphorePermit>,
     ) -> Result<(), String> {
         let (mut rd, mut wr) = stream.into_split();
         let t = self.opts.link_timeout;
         let hs = tokio::time::timeout(t * 2, self.server_handshake(&mut rd, &mut wr))
             .await
             .map_err(|_| "handshake timed out".to_string())??;
+        drop(handshake);
         let Some((epoch, _resync)) = hs else {
             return Ok(());
         };

@@ -492,3 +492,38 @@ fn random_bytes_on_every_port_never_take_the_server_down() {
         assert_eq!(c.read(4096, 4096).await.unwrap(), vec![7u8; 4096]);
     });
 }
+
+/// Issue 13: connections still in their replication handshake are capped
+/// (16): a stranger holding many gets the extra ones closed at once, and
+/// the listener serves again as soon as they go.
+#[test]
+fn replication_handshakes_in_progress_are_capped() {
+    let d = tempfile::tempdir().unwrap();
+    let n = Node::new(d.path(), "b", 8 * MIB);
+    let _p = n.start("secondary", 0);
+    let repl = n.repl_addr();
+    let mut held = Vec::new();
+    for _ in 0..16 {
+        let mut s = connect(&repl);
+        let mut g = [0u8; 44];
+        s.read_exact(&mut g).unwrap();
+        assert_eq!(&g[0..8], b"PVMIRROR");
+        held.push(s);
+    }
+    let mut extra = connect(&repl);
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut g = [0u8; 44];
+    assert!(
+        matches!(extra.read(&mut g), Ok(0) | Err(_)),
+        "a 17th pending handshake was served"
+    );
+    drop(held);
+    wait_until("the listener serves again", Duration::from_secs(10), || {
+        let mut s = connect(&repl);
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut g = [0u8; 44];
+        s.read_exact(&mut g).ok().map(|_| ())
+    });
+}
