@@ -211,7 +211,7 @@ fn vm_survives_daemon_sigkill_and_stays_manageable() {
         "/users",
         Some(json!({"name": "op", "role": "operator", "password": "operator pw"})),
     );
-    let iso = d.data.path().join("x.iso");
+    let iso = d.data.path().join("import/x.iso");
     std::fs::write(&iso, b"iso").unwrap();
     d.ok("POST", "/vcds", Some(json!({"name": "x", "path": iso})));
     d.ok(
@@ -324,7 +324,7 @@ fn memory_admission_names_holders_and_cd_insert_while_running() {
 
     // Insert and eject a CD while the VM runs.
     d.wait_state("a", "running", BOOT);
-    let iso = d.data.path().join("tools.iso");
+    let iso = d.data.path().join("import/tools.iso");
     std::fs::write(&iso, vec![0u8; 2048 * 16]).unwrap();
     d.ok("POST", "/vcds", Some(json!({"name": "tools", "path": iso})));
     let v = d.ok("PUT", "/vms/a/cd", Some(json!({"vcd": "tools"})));
