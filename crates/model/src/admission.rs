@@ -358,7 +358,7 @@ pub fn check_file_space(
     needed: u64,
     free: u64,
 ) -> Result<(), AdmissionError> {
-    if needed.saturating_add(FILE_RESERVE) > free {
+    if needed > free.saturating_sub(FILE_RESERVE) {
         return Err(AdmissionError::NoFileSpace {
             what: what.to_string(),
             dir: dir.to_string(),
