@@ -205,8 +205,21 @@ pub async fn join_agent(
 ) -> Result<Arc<Orchestrator>, OrchestratorError> {
     let pm = svc.pm().ok_or(OrchestratorError::NotPm)?.clone();
     attach_store(agent.store(), db.clone()).await?;
-    let secret = UnitService::secret_of(&db)
-        .ok_or_else(|| OrchestratorError::Db("the unit has no secret yet".into()))?;
+    // A PM that has just joined may not have applied the founder's secret
+    // yet: catch up with the leader (read barrier) and look again, for a
+    // bounded time, before giving up.
+    let mut secret = UnitService::secret_of(&db);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while secret.is_none() && tokio::time::Instant::now() < deadline {
+        let _ = db.linearizable().await;
+        secret = UnitService::secret_of(&db);
+        if secret.is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    let secret = secret.ok_or_else(|| {
+        OrchestratorError::Db("the unit has no secret yet (not replicated here within 30 s)".into())
+    })?;
     let timing = svc.timing();
     let lease = Arc::new(LeaseKeeper::start(db.clone(), timing));
     // The watchdog kills this PM's VMs if the lease ends while the daemon
